@@ -261,7 +261,7 @@ class PixelContrastLoss(nn.Module):
             present = of_class.any(1)
             # Region means: one per (image, class present).
             weights = of_class.float()
-            means = (weights[:, :, None] * emb).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+            means = torch.bmm(weights[:, None, :], emb).squeeze(1) / weights.sum(1, keepdim=True).clamp(min=1)
             rows.append(F.normalize(means[present], dim=1))
             codes.append(torch.full((int(present.sum()),), 2 * c + 1, device=emb.device))
             # Pixels: up to pixels_per_image random tokens of the class per image, through random keys
