@@ -1,0 +1,299 @@
+"""Drive a generation job: prepare segments, pick the shards to do, run one task per shard, record.
+
+``generate(cfg)`` is what ``segswap-gen`` calls with a resolved config (:mod:`pipeline.config`):
+
+1. segments: ``--segments coco`` reads ``--coco-annotations`` (default: the embedded corpus's json);
+   ``--segments unsupervised`` extracts them from ``--images`` into ``OUT/segments.json`` once, and
+   reuses that file on every rerun and by every part of a split job;
+2. shards: the selected ids (all, ``--shard-range A:B``, or ``--task-index/--num-tasks``) minus those
+   already finished: a shard file under its final name that verifies (resume is the default;
+   ``--overwrite`` deletes the selected shards first);
+3. tasks: in this process (``--workers 0`` / ``--no-ray``) or one Ray task per shard with at most
+   ``2 x workers`` in flight (``ray.wait``), on a local loopback-only instance or the cluster at
+   ``--ray-address`` / ``$RAY_ADDRESS``;
+4. records: this part's manifest in ``OUT/manifests/``, then ``index.json`` and ``manifest.json``
+   rebuilt from everything the folder holds, so the parts of a split job compose into one dataset.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+
+from segswap.pipeline.config import ConfigError, dataset_config, selected_shards
+from segswap.pipeline.logs import Progress
+from segswap.pipeline.task import ShardFailed, generate_shard, job_fingerprint
+from segswap.shards import index as shard_index
+from segswap.shards.format import SHARD_PATTERN
+from segswap.shards.verify import verify_shard
+from segswap.shards.writer import TMP_SUFFIX
+
+log = logging.getLogger("segswap.gen")
+
+SEGMENTS_CACHE = "segments.json"
+# Tasks queued per worker: enough to keep workers busy while results come back, few enough that a
+# cluster-sized job does not submit thousands of tasks at once.
+IN_FLIGHT_PER_WORKER = 2
+
+
+# ------------------------------------------------------------------------------------ segments
+
+def resolve_segments(cfg: dict) -> tuple[str, str]:
+    """(segments json, images folder) for the job, extracting unsupervised segments if needed."""
+    images = cfg["images"]
+    if cfg["segments"] == "coco":
+        if cfg["coco_annotations"]:
+            if not os.path.isfile(cfg["coco_annotations"]):
+                raise ConfigError(f"--coco-annotations {cfg['coco_annotations']}: file not found")
+            return cfg["coco_annotations"], images or os.path.dirname(os.path.abspath(cfg["coco_annotations"]))
+        if images:
+            raise ConfigError("--segments coco with --images needs --coco-annotations FILE "
+                              "(or use --segments unsupervised to extract segments from the images)")
+        from segswap.segments.embedded import embedded_coco
+        json_path, images_dir = embedded_coco()
+        return str(json_path), str(images_dir)
+    if images is None:
+        from segswap.segments.embedded import embedded_images_dir
+        images = str(embedded_images_dir())
+    if not os.path.isdir(images):
+        raise ConfigError(f"--images {images}: not a directory")
+    try:
+        from segswap.segments.unsupervised import run_extraction
+    except ImportError as e:
+        raise ConfigError(f"--segments unsupervised is not available ({e}); use --segments coco") from e
+    out_json = os.path.join(cfg["out"], SEGMENTS_CACHE)
+    log.info("segments: unsupervised extraction from %s into %s (reused when complete)", images, out_json)
+    path = run_extraction(images, out_json, workers=cfg["workers"], ray_address=cfg["ray_address"],
+                          seed=cfg["seed"], images_dir=images, **cfg["unsupervised"])
+    return str(path), images
+
+
+def make_job(cfg: dict, segments_json: str, images_dir: str) -> dict:
+    """The picklable description every task receives (everything that decides a shard's bytes)."""
+    job = {
+        "out": os.path.abspath(cfg["out"]),
+        "seed": cfg["seed"],
+        "pairs_per_shard": cfg["pairs_per_shard"],
+        "max_attempts_per_pair": cfg["max_attempts_per_pair"],
+        "style_batch": cfg["style_batch"],
+        "segments_json": os.path.abspath(segments_json),
+        "images_dir": os.path.abspath(images_dir),
+        "segment_filters": {"min_area": cfg["min_area"], "min_side": cfg["min_segment_side"],
+                            "categories": cfg["categories"]},
+        "renderer": {"size": cfg["size"], "blend": cfg["blend"], "flow_stride": cfg["flow_stride"],
+                     "min_cells": cfg["min_cells"], "p_two_object": cfg["p_two_object"], **cfg["render"]},
+        "style": cfg["style"],
+        "styliser": {"style_images": cfg["style_images"], "adain_weights": cfg["adain_weights"],
+                     "strength": tuple(cfg["style_strength"]) if cfg["style_strength"] else None},
+    }
+    job["fingerprint"] = job_fingerprint(job)
+    return job
+
+
+# ------------------------------------------------------------------------------------- resume
+
+def check_same_dataset(cfg: dict) -> None:
+    """Refuse to mix shards made with different settings in one folder."""
+    ours = json.loads(json.dumps(dataset_config(cfg)))
+    for part in shard_index.read_parts(cfg["out"]):
+        theirs = part.get("config")
+        if theirs is not None and theirs != ours:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ConfigError(f"{cfg['out']} holds shards generated with other settings (part {part['name']} "
+                              f"differs in {diff}); use --overwrite to start over or another --out")
+
+
+def remove_selected(out: str, shard_ids: list[int], everything: bool) -> None:
+    for sid in shard_ids:
+        for path in (os.path.join(out, SHARD_PATTERN % sid), os.path.join(out, SHARD_PATTERN % sid) + TMP_SUFFIX):
+            if os.path.exists(path):
+                os.remove(path)
+    if everything:
+        shutil.rmtree(os.path.join(out, shard_index.PARTS_DIR), ignore_errors=True)
+        for name in (shard_index.INDEX_NAME, shard_index.MANIFEST_NAME, SEGMENTS_CACHE):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+
+
+def finished_shards(cfg: dict, shard_ids: list[int]) -> dict[int, dict]:
+    """Shards of the selection already complete: present under their final name and verifying."""
+    out = cfg["out"]
+    known = shard_index.known_entries(out)
+    stats = {}
+    for part in shard_index.read_parts(out):
+        stats.update(part.get("shards", {}))
+    done = {}
+    for sid in shard_ids:
+        url = SHARD_PATTERN % sid
+        path = os.path.join(out, url)
+        if not os.path.isfile(path):
+            continue
+        expected = known.get(url)
+        if cfg["verify_existing"]:
+            report = verify_shard(path, expected, min_cells=cfg["min_cells"])
+            if not report.ok:
+                log.warning("%s fails verification (%s): regenerating it", url, report.first_problem())
+                continue
+        elif expected is not None and expected["filesize"] != os.path.getsize(path):
+            log.warning("%s: size differs from the index: regenerating it", url)
+            continue
+        previous = dict(stats.get(url, {}))
+        previous.setdefault("entry", expected or shard_index.shard_entry(path))
+        previous["resumed"] = True
+        done[sid] = previous
+    return done
+
+
+# ------------------------------------------------------------------------------------ execution
+
+def _ensure_ray(cfg: dict):
+    """Connect to the cluster at --ray-address/$RAY_ADDRESS or start a local loopback-only instance."""
+    # Must be in the environment before ray.init so a local instance binds to loopback only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    address = cfg["ray_address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray instance with %d workers (loopback only, no dashboard)", cfg["workers"])
+        ray.init(num_cpus=cfg["workers"], include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+    return ray, True
+
+
+def _run_in_process(job: dict, shard_ids: list[int], on_result) -> None:
+    for sid in shard_ids:
+        try:
+            on_result(sid, generate_shard(job, sid), None)
+        except ShardFailed as e:
+            on_result(sid, None, e)
+
+
+def _run_on_ray(ray, job: dict, shard_ids: list[int], workers: int, on_result) -> None:
+    remote = ray.remote(num_cpus=1, max_retries=3)(generate_shard)
+    job_ref = ray.put(job)
+    max_in_flight = max(1, IN_FLIGHT_PER_WORKER * max(workers, int(ray.cluster_resources().get("CPU", 1))))
+    queue, pending = list(shard_ids), {}
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            sid = queue.pop(0)
+            pending[remote.remote(job_ref, sid)] = sid
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        sid = pending.pop(ready[0])
+        try:
+            on_result(sid, ray.get(ready[0]), None)
+        except ShardFailed as e:
+            on_result(sid, None, e)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, ShardFailed):
+                on_result(sid, None, cause)
+            else:
+                raise
+
+
+def part_name(shard_ids: list[int]) -> str:
+    if not shard_ids:
+        return "shards-empty"
+    return "shards-%06d-%06d" % (min(shard_ids), max(shard_ids) + 1)
+
+
+def generate(cfg: dict) -> dict:
+    """Run a generation job; returns the summary (also logged and stored in the part manifest)."""
+    t0 = time.perf_counter()
+    out = cfg["out"]
+    os.makedirs(out, exist_ok=True)
+    shard_ids = selected_shards(cfg)
+    env = shard_index.environment()
+    if cfg["overwrite"]:
+        everything = cfg["shard_range"] is None and cfg["num_tasks"] is None
+        log.info("--overwrite: removing %s", "the whole dataset" if everything else f"{len(shard_ids)} shards")
+        remove_selected(out, shard_ids, everything)
+    else:
+        check_same_dataset(cfg)
+
+    ray, started_ray = (None, False)
+    if cfg["workers"] > 0:
+        ray, started_ray = _ensure_ray(cfg)
+    try:
+        segments_json, images_dir = resolve_segments(cfg)
+        job = make_job(cfg, segments_json, images_dir)
+        done = finished_shards(cfg, shard_ids) if not cfg["overwrite"] else {}
+        todo = [s for s in shard_ids if s not in done]
+        log.info("%d shards selected: %d already finished, %d to generate (%s)", len(shard_ids), len(done),
+                 len(todo), "in-process" if ray is None else f"Ray, {cfg['workers']} workers")
+        results: dict[str, dict] = {SHARD_PATTERN % s: st for s, st in done.items()}
+        failed: dict[str, dict] = {}
+        progress = Progress(len(todo), desc="shards", unit="pairs")
+
+        def on_result(sid, stats, error):
+            url = SHARD_PATTERN % sid
+            if error is not None:
+                log.error("%s", error)
+                failed[url] = {"attempts": error.attempts, "skips": error.skips}
+                progress.update(1, 0)
+                return
+            results[url] = stats
+            progress.update(1, stats["pairs"])
+
+        gen_start = time.perf_counter()
+        if ray is None:
+            _run_in_process(job, todo, on_result)
+        else:
+            _run_on_ray(ray, job, todo, cfg["workers"], on_result)
+        progress.close()
+        gen_time = time.perf_counter() - gen_start
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    written = [results[SHARD_PATTERN % s] for s in todo if SHARD_PATTERN % s in results]
+    new_pairs = sum(r["pairs"] for r in written)
+    skips = Counter()
+    for r in written:
+        skips.update(r["skips"])
+    for f in failed.values():
+        skips.update(f["skips"])
+    summary = {
+        "shards_selected": len(shard_ids), "shards_written": len(written), "shards_resumed": len(done),
+        "shards_failed": sorted(failed), "pairs_written": new_pairs,
+        "attempts": sum(r["attempts"] for r in written), "skips": dict(sorted(skips.items())),
+        "generation_time_s": round(gen_time, 3),
+        "pairs_per_s": round(new_pairs / gen_time, 3) if gen_time > 0 and new_pairs else 0.0,
+    }
+    part = {
+        "name": part_name(shard_ids), "config": json.loads(json.dumps(dataset_config(cfg))),
+        "run": {k: cfg[k] for k in cfg if k not in dataset_config(cfg)}, "root_seed": cfg["seed"],
+        "segments_json": os.path.abspath(segments_json), **env,
+        "shard_range": [min(shard_ids), max(shard_ids) + 1] if shard_ids else None,
+        "workers": cfg["workers"], "shards_written": [r["url"] for r in written],
+        "shards_resumed": sorted(SHARD_PATTERN % s for s in done), "shards": dict(sorted(results.items())),
+        "summary": summary, "wall_time_s": round(time.perf_counter() - t0, 3), "finished_unix": time.time(),
+    }
+    shard_index.write_part(out, part["name"], part)
+    index, manifest = shard_index.rebuild(out)
+    summary["dataset_shards"] = manifest["counts"]["shards"]
+    summary["dataset_pairs"] = manifest["counts"]["pairs"]
+    log_summary(summary)
+    return summary
+
+
+def log_summary(summary: dict) -> None:
+    skips = ", ".join(f"{k}: {v}" for k, v in summary["skips"].items()) or "none"
+    log.info("done: %d pairs in %d new shards (%d resumed, %d failed) in %.1f s = %.2f pairs/s; skips: %s; "
+             "dataset now %d shards, %d pairs", summary["pairs_written"], summary["shards_written"],
+             summary["shards_resumed"], len(summary["shards_failed"]), summary["generation_time_s"],
+             summary["pairs_per_s"], skips, summary["dataset_shards"], summary["dataset_pairs"])
+
+
+def list_tmp(out: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out, "*" + TMP_SUFFIX)))

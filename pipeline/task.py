@@ -1,0 +1,143 @@
+"""One shard = one task: render pairs, stylise them in batches, write the shard, report statistics.
+
+A task depends only on the job description and its shard id, never on which process runs it or what
+ran before, so any number of workers in any order produce byte-identical shards:
+
+- randomness: ``SeedSequence([root_seed, shard_id])`` spawns two children, one for rendering and one
+  for styling. Each pair *attempt* draws from its own ``render_root.spawn(1)`` child (recorded in the
+  sample's json as entropy + spawn key, so any pair can be regenerated alone); the styliser draws from
+  one generator seeded by the style child, in pair order.
+- the renderer and styliser are built once per worker process and cached here (module level), keyed by
+  the job's fingerprint; they keep no state between pairs that affects output.
+- the shard is written to a temporary name and renamed when complete (:class:`ShardWriter`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+from collections import Counter
+
+import numpy as np
+
+from segswap.shards.format import SHARD_PATTERN, sample_key
+from segswap.shards.index import shard_entry
+from segswap.shards.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+# Worker-process cache: fingerprint -> (renderer, styliser). One job at a time per process.
+_WORKER_STATE: dict[str, tuple] = {}
+# Per-reason warnings printed by a worker before it only counts.
+WARN_EXAMPLES = 3
+
+
+def job_fingerprint(job: dict) -> str:
+    return hashlib.sha1(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_worker_state(job: dict) -> tuple:
+    """(renderer, styliser) for a job, built once per worker process."""
+    key = job["fingerprint"]
+    state = _WORKER_STATE.get(key)
+    if state is None:
+        from segswap.pipeline.render import PairRenderer
+        from segswap.pipeline.style import build_styliser
+        from segswap.segments.coco import SegmentIndex
+
+        segments = SegmentIndex.from_coco(job["segments_json"], job["images_dir"], **job["segment_filters"])
+        if not len(segments):
+            raise ValueError(f"{job['segments_json']}: no usable segments (skipped: {dict(segments.skipped)})")
+        backgrounds = sorted(str(rec.path) for rec in segments.images.values())
+        renderer = PairRenderer(segments, backgrounds, **job["renderer"])
+        styliser = build_styliser(job["style"], **job["styliser"])
+        _WORKER_STATE.clear()
+        state = _WORKER_STATE[key] = (renderer, styliser)
+    return state
+
+
+def _seed_record(seq: np.random.SeedSequence) -> dict:
+    return {"entropy": [int(e) for e in np.atleast_1d(seq.entropy)], "spawn_key": [int(k) for k in seq.spawn_key]}
+
+
+def generate_shard(job: dict, shard_id: int) -> dict:
+    """Generate one shard into ``job["out"]``; returns its statistics and index entry.
+
+    Unusable draws (the renderer's ``SkipPair``, unreadable images, renderer errors) are counted by
+    reason and retried with the next attempt, up to ``pairs_per_shard * max_attempts_per_pair``
+    attempts; a shard that runs out of attempts is written short (and says so), one with no pair at
+    all is not written.
+    """
+    from segswap.pipeline.images import BadImage
+    from segswap.pipeline.render import SkipPair
+
+    t0 = time.perf_counter()
+    renderer, styliser = build_worker_state(job)
+    path = os.path.join(job["out"], SHARD_PATTERN % shard_id)
+    n_pairs = job["pairs_per_shard"]
+    max_attempts = n_pairs * job["max_attempts_per_pair"]
+    render_root, style_root = np.random.SeedSequence([job["seed"], shard_id]).spawn(2)
+    style_rng = np.random.default_rng(style_root)
+    skips, warned = Counter(), Counter()
+    attempts = written = 0
+    stats = {"url": os.path.basename(path), "shard_id": shard_id}
+
+    def skip(reason: str, message: str) -> None:
+        skips[reason] += 1
+        if warned[reason] < WARN_EXAMPLES:
+            warned[reason] += 1
+            log.warning("shard %d attempt %d skipped (%s): %s", shard_id, attempts, reason, message)
+
+    with ShardWriter(path) as writer:
+        while written < n_pairs and attempts < max_attempts:
+            batch = []
+            while len(batch) < min(job["style_batch"], n_pairs - written) and attempts < max_attempts:
+                seq = render_root.spawn(1)[0]
+                attempts += 1
+                key = sample_key(shard_id, written + len(batch))
+                try:
+                    pair = renderer.render_pair(np.random.default_rng(seq), key)
+                except SkipPair as e:
+                    skip(getattr(e, "reason", None) or str(e) or "skip", str(e))
+                    continue
+                except BadImage as e:
+                    skip("bad_image", str(e))
+                    continue
+                except Exception as e:  # a renderer bug on odd input: count, show once, keep going
+                    skip(f"error:{type(e).__name__}", f"{e}\n{traceback.format_exc()}")
+                    continue
+                pair.meta["seed"] = _seed_record(seq)
+                batch.append(pair)
+            if styliser is not None and batch:
+                images = [im for p in batch for im in (p.img0, p.img1)]
+                styled, infos = styliser.stylise(images, style_rng)
+                for i, p in enumerate(batch):
+                    p.sty0, p.sty1 = styled[2 * i], styled[2 * i + 1]
+                    p.meta["style"] = [infos[2 * i], infos[2 * i + 1]]
+            for p in batch:
+                p.meta.setdefault("style", [None, None])
+                writer.write(p)
+                written += 1
+        if written == 0:
+            raise ShardFailed(shard_id, attempts, dict(skips))
+    if written < n_pairs:
+        skips["shard_short"] += n_pairs - written
+        log.warning("shard %d: only %d of %d pairs after %d attempts (skips: %s)", shard_id, written, n_pairs,
+                    attempts, dict(skips))
+    stats.update(pairs=written, attempts=attempts, skips=dict(sorted(skips.items())),
+                 wall_time_s=round(time.perf_counter() - t0, 3), entry=shard_entry(path), pid=os.getpid())
+    return stats
+
+
+class ShardFailed(RuntimeError):
+    """No pair at all could be rendered for a shard (every attempt was skipped)."""
+
+    def __init__(self, shard_id: int, attempts: int, skips: dict):
+        super().__init__(f"shard {shard_id}: no usable pair in {attempts} attempts (skips: {skips})")
+        self.shard_id, self.attempts, self.skips = shard_id, attempts, skips
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (ShardFailed, (self.shard_id, self.attempts, self.skips))
