@@ -1,0 +1,131 @@
+"""Pasting a warped segment into a background: Poisson blending and its alternatives.
+
+``blend(method, src, dst, mask, gradients=...)`` returns ``dst`` with the ``mask`` region replaced:
+
+- ``pyamg`` (default): Poisson image editing (Pérez et al. 2003) solved directly on the pasted
+  region Ω. For every pixel p in Ω: ``|N_p| f_p - sum_{q in N_p ∩ Ω} f_q = sum_{q in N_p \\ Ω} dst_q
+  + sum_{q in N_p} v_pq`` with N_p the 4-neighbours inside the image (so Ω may touch the border:
+  Neumann there), ``v_pq = src_p - src_q`` (``gradients="normal"``) or, with ``gradients="mixed"``,
+  whichever of the src and dst differences is larger in magnitude (keeps background texture showing
+  through flat parts of the segment). The matrix is the same for the three channels; pyamg's
+  Ruge-Stüben multigrid as a CG preconditioner solves it to a relative residual of ``tol``
+  (1e-8). Measured in DESIGN.md: 3x faster than a sparse direct solve at 109k unknowns.
+- ``direct``: the same system solved with ``scipy.sparse.linalg.spsolve``: the reference for tests
+  and the benchmark.
+- ``cv2``: ``cv2.seamlessClone`` (NORMAL_CLONE, or MIXED_CLONE for mixed gradients), the official
+  code's choice. It solves its own discretisation (a DST-based solver on the mask's bounding box),
+  so results differ slightly from the two above.
+- ``none``: copy-paste.
+
+All images are uint8 [H, W, 3] of the same size, ``mask`` is bool/uint8 [H, W]; ``src`` is the segment
+already warped into the background's frame (only its values inside and next to Ω matter).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import spsolve
+
+BLEND_METHODS = ("pyamg", "direct", "cv2", "none")
+GRADIENTS = ("normal", "mixed")
+DEFAULT_TOL = 1e-8
+
+
+def blend(method: str, src: np.ndarray, dst: np.ndarray, mask: np.ndarray, *, gradients: str = "normal",
+          tol: float = DEFAULT_TOL) -> np.ndarray:
+    if method not in BLEND_METHODS:
+        raise ValueError(f"unknown blend method {method!r}; choose one of {', '.join(BLEND_METHODS)}")
+    if gradients not in GRADIENTS:
+        raise ValueError(f"unknown gradients {gradients!r}; choose one of {', '.join(GRADIENTS)}")
+    if src.shape != dst.shape or src.ndim != 3 or mask.shape != dst.shape[:2]:
+        raise ValueError(f"blend needs src, dst [H,W,3] and mask [H,W] of one size, got "
+                         f"{list(src.shape)}, {list(dst.shape)}, {list(mask.shape)}")
+    mask = mask.astype(bool)
+    if not mask.any():
+        return dst.copy()
+    if method == "none":
+        out = dst.copy()
+        out[mask] = src[mask]
+        return out
+    if method == "cv2":
+        return _seamless_clone(src, dst, mask, gradients)
+    return poisson_blend(src, dst, mask, gradients=gradients, solver=method, tol=tol)
+
+
+def poisson_system(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, gradients: str = "normal"):
+    """(A [n, n] CSR, b [n, C], flat indices of Ω) for the masked Poisson equation described above."""
+    h, w = mask.shape
+    idx = np.flatnonzero(mask.ravel())
+    n = len(idx)
+    pos = -np.ones(h * w, np.int64)
+    pos[idx] = np.arange(n)
+    rows, cols = np.divmod(idx, w)
+    s = src.reshape(h * w, -1).astype(np.float64)
+    d = dst.reshape(h * w, -1).astype(np.float64)
+    diag = np.zeros(n)
+    b = np.zeros((n, s.shape[1]))
+    a_rows, a_cols = [], []
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        rr, cc = rows + dr, cols + dc
+        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        p = np.flatnonzero(inside)  # positions (in Ω order) with this neighbour in the image
+        q = rr[p] * w + cc[p]       # flat index of the neighbour
+        diag[p] += 1
+        grad = s[idx[p]] - s[q]
+        if gradients == "mixed":
+            grad_dst = d[idx[p]] - d[q]
+            grad = np.where(np.abs(grad_dst) > np.abs(grad), grad_dst, grad)
+        b[p] += grad
+        in_omega = pos[q] >= 0
+        a_rows.append(p[in_omega])
+        a_cols.append(pos[q[in_omega]])
+        boundary = p[~in_omega]
+        b[boundary] += d[q[~in_omega]]
+    a_rows = np.concatenate(a_rows)
+    a_cols = np.concatenate(a_cols)
+    data = np.concatenate([diag, -np.ones(len(a_rows))])
+    A = sp.csr_matrix((data, (np.concatenate([np.arange(n), a_rows]), np.concatenate([np.arange(n), a_cols]))),
+                      shape=(n, n))
+    return A, b, idx
+
+
+def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, *, gradients: str = "normal",
+                  solver: str = "pyamg", tol: float = DEFAULT_TOL) -> np.ndarray:
+    mask = mask.astype(bool)
+    if mask.all():
+        # No boundary at all: the Poisson problem fixes the image only up to a constant; copy.
+        return src.copy()
+    A, b, idx = poisson_system(src, dst, mask, gradients)
+    if solver == "direct":
+        x = spsolve(A.tocsc(), b)
+        x = x.reshape(len(idx), -1)
+    elif solver == "pyamg":
+        import pyamg
+
+        ml = pyamg.ruge_stuben_solver(A)
+        x = np.stack([ml.solve(b[:, c], tol=tol, accel="cg") for c in range(b.shape[1])], 1)
+    else:
+        raise ValueError(f"unknown Poisson solver {solver!r} (pyamg or direct)")
+    out = dst.reshape(-1, dst.shape[2]).copy()
+    out[idx] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out.reshape(dst.shape)
+
+
+def _seamless_clone(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, gradients: str) -> np.ndarray:
+    # seamlessClone cannot place a region touching the image border (its solver needs a one-pixel
+    # frame around the mask's box): pad everything, clone, crop back.
+    pad = 2
+    srcp = cv2.copyMakeBorder(src, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+    dstp = cv2.copyMakeBorder(dst, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+    maskp = cv2.copyMakeBorder(mask.astype(np.uint8) * 255, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    x, y, w, h = cv2.boundingRect(maskp)
+    # cv2 puts the box's top-left corner at center - (w // 2, h // 2): this centre leaves it in place.
+    center = (x + w // 2, y + h // 2)
+    flag = cv2.NORMAL_CLONE if gradients == "normal" else cv2.MIXED_CLONE
+    cloned = cv2.seamlessClone(srcp, dstp, maskp, center, flag)[pad:-pad, pad:-pad]
+    # seamlessClone solves over the whole box and changes pixels just outside the mask a little:
+    # keep the promise that only the mask region changes.
+    out = dst.copy()
+    out[mask] = cloned[mask]
+    return out
