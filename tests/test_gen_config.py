@@ -1,0 +1,74 @@
+"""segswap-gen options: precedence, validation and how shards are split between tasks."""
+import pytest
+
+from segswap.pipeline.config import (
+    DEFAULTS,
+    ConfigError,
+    dataset_config,
+    get_parser,
+    resolve,
+    selected_shards,
+)
+
+
+def _cfg(argv, tmp_path=None):
+    return resolve(vars(get_parser().parse_args(argv)))
+
+
+def test_defaults_and_flags():
+    cfg = _cfg([])
+    assert cfg["segments"] == "unsupervised" and cfg["out"] == DEFAULTS["out"] and cfg["workers"] >= 1
+    cfg = _cfg(["--out", "x", "--seed", "7", "--blend", "cv2", "--style-strength", "0.2:0.8", "--no-ray"])
+    assert (cfg["out"], cfg["seed"], cfg["blend"], cfg["style_strength"], cfg["workers"]) == ("x", 7, "cv2", [0.2, 0.8], 0)
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "gen.yaml"
+    path.write_text("seed: 3\npairs-per-shard: 5\nrender:\n  max_rotation: 10\n")
+    cfg = _cfg(["--config", str(path), "--seed", "4"])
+    assert cfg["seed"] == 4 and cfg["pairs_per_shard"] == 5 and cfg["render"] == {"max_rotation": 10}
+
+
+@pytest.mark.parametrize("text,match", [
+    ("sed: 3\n", "unknown key"),
+    ("seed: three\n", "seed: must be an integer"),
+    ("size: 100\n", "multiple of 16"),
+    ("- a\n", "mapping"),
+    ("seed: [\n", "not valid YAML"),
+])
+def test_bad_config_files_name_file_and_key(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        _cfg(["--config", str(path)])
+    assert "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--shard-range", "5"], "A:B"),
+    (["--shard-range", "4:2"], "A <= B"),
+    (["--task-index", "1"], "go together"),
+    (["--task-index", "3", "--num-tasks", "3"], "task_index < num_tasks"),
+    (["--shard-range", "0:2", "--task-index", "0", "--num-tasks", "2"], "not both"),
+    (["--style-strength", "0.9:0.1"], "LO <= HI"),
+    (["--p-two-object", "1.5"], r"\[0, 1\]"),
+])
+def test_bad_flags(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(argv)
+
+
+def test_task_slices_cover_every_shard_once():
+    for n in (0, 1, 7, 10):
+        for tasks in (1, 3, 4):
+            ids = [s for i in range(tasks)
+                   for s in selected_shards(_cfg(["--num-shards", str(n), "--task-index", str(i), "--num-tasks", str(tasks)]))]
+            assert ids == list(range(n))
+    assert selected_shards(_cfg(["--shard-range", "3:6"])) == [3, 4, 5]
+
+
+def test_run_options_do_not_change_the_dataset_config():
+    a = dataset_config(_cfg(["--workers", "4", "--out", "a", "--shard-range", "0:2"]))
+    b = dataset_config(_cfg(["--no-ray", "--out", "b", "--num-shards", "99"]))
+    assert a == b
+    assert dataset_config(_cfg(["--seed", "1"])) != a
