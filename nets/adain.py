@@ -52,7 +52,7 @@ def build_decoder() -> nn.Sequential:
             continue
         layers += [nn.ReflectionPad2d(1), nn.Conv2d(spec[0], spec[1], kernel_size=3)]
         if i < len(_DECODER_LAYERS) - 1:  # no ReLU after the last conv: the output is the image
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))
     net = nn.Sequential(*layers)
     assert len(net) == NUM_DECODER_MODULES, len(net)
     return net

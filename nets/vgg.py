@@ -37,17 +37,19 @@ class WeightsFileError(ValueError):
     """A weight file is missing, unreadable or does not match the expected layout."""
 
 
-def build_vgg_normalised() -> nn.Sequential:
-    """The full 53-module normalised VGG-19 (random weights), module indices as in pytorch-AdaIN."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 3, kernel_size=1)]
+def build_vgg_normalised(num_modules: int = NUM_VGG_MODULES) -> nn.Sequential:
+    """The normalised VGG-19 (random weights), module indices as in pytorch-AdaIN: all 53 modules, or
+    the first ``num_modules`` (31 = the relu4_1 encoder) without initialising the rest."""
+    layers: list = [lambda: nn.Conv2d(3, 3, kernel_size=1)]
     for spec in _VGG19_LAYERS:
         if spec == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2, padding=0, ceil_mode=True))
+            layers.append(lambda: nn.MaxPool2d(kernel_size=2, stride=2, padding=0, ceil_mode=True))
         else:
-            layers += [nn.ReflectionPad2d(1), nn.Conv2d(spec[0], spec[1], kernel_size=3), nn.ReLU()]
-    net = nn.Sequential(*layers)
-    assert len(net) == NUM_VGG_MODULES, len(net)
-    return net
+            # In-place ReLU saves a copy per layer; the conv's output is not needed by its backward.
+            layers += [lambda: nn.ReflectionPad2d(1), lambda c=spec: nn.Conv2d(c[0], c[1], kernel_size=3),
+                       lambda: nn.ReLU(inplace=True)]
+    assert len(layers) == NUM_VGG_MODULES, len(layers)
+    return nn.Sequential(*(make() for make in layers[:num_modules]))
 
 
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
@@ -75,7 +77,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tens
     unexpected = sorted(set(sd) - set(expected) - optional)
     if missing or unexpected:
         raise WeightsFileError(
-            f"{path}: not a {what} in the pytorch-AdaIN layout: {len(missing)} missing keys "
+            f"{path}: does not match the pytorch-AdaIN layout of the {what}: {len(missing)} missing keys "
             f"{missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}")
     bad = [f"{k}: file {tuple(sd[k].shape)} vs expected {tuple(v.shape)}"
            for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
@@ -91,10 +93,10 @@ def load_vgg_encoder(path: str | os.PathLike) -> nn.Sequential:
     """
     path = os.fspath(path)
     sd = read_state_dict(path, "VGG encoder (vgg_normalised.pth)")
-    full = build_vgg_normalised()
-    encoder = full[:RELU4_1_END]
+    encoder = build_vgg_normalised(RELU4_1_END)
     expected = encoder.state_dict()
-    beyond = frozenset(k for k in full.state_dict() if k not in expected)
+    with torch.device("meta"):  # only the key names of the layers past relu4_1: allocate nothing
+        beyond = frozenset(k for k in build_vgg_normalised().state_dict() if k not in expected)
     check_state_dict(sd, expected, path, "normalised VGG-19 (vgg_normalised.pth)", optional=beyond)
     encoder.load_state_dict({k: sd[k] for k in expected})
     encoder.eval()

