@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import os
+import resource
+import sys
 import time
 import traceback
 from collections import Counter
@@ -59,6 +61,12 @@ def build_worker_state(job: dict) -> tuple:
     return state
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this (worker) process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
 def _seed_record(seq: np.random.SeedSequence) -> dict:
     return {"entropy": [int(e) for e in np.atleast_1d(seq.entropy)], "spawn_key": [int(k) for k in seq.spawn_key]}
 
@@ -66,11 +74,31 @@ def _seed_record(seq: np.random.SeedSequence) -> dict:
 def generate_shard(job: dict, shard_id: int) -> dict:
     """Generate one shard into ``job["out"]``; returns its statistics and index entry.
 
+    Runs single-threaded (BLAS, OpenMP, OpenCV, torch), as a Ray task with one CPU would: the
+    parallelism is across shards, and a multi-threaded reduction could round differently in this
+    process than in a worker, breaking byte-identity between worker counts.
+
     Unusable draws (the renderer's ``SkipPair``, unreadable images, renderer errors) are counted by
     reason and retried with the next attempt, up to ``pairs_per_shard * max_attempts_per_pair``
     attempts; a shard that runs out of attempts is written short (and says so), one with no pair at
     all is not written.
     """
+    import cv2
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = (cv2.getNumThreads(), torch.get_num_threads())
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            return _generate_shard(job, shard_id)
+    finally:
+        cv2.setNumThreads(threads[0])
+        torch.set_num_threads(threads[1])
+
+
+def _generate_shard(job: dict, shard_id: int) -> dict:
     from segswap.pipeline.images import BadImage
     from segswap.pipeline.render import SkipPair
 
@@ -128,7 +156,8 @@ def generate_shard(job: dict, shard_id: int) -> dict:
         log.warning("shard %d: only %d of %d pairs after %d attempts (skips: %s)", shard_id, written, n_pairs,
                     attempts, dict(skips))
     stats.update(pairs=written, attempts=attempts, skips=dict(sorted(skips.items())),
-                 wall_time_s=round(time.perf_counter() - t0, 3), entry=shard_entry(path), pid=os.getpid())
+                 wall_time_s=round(time.perf_counter() - t0, 3), entry=shard_entry(path), pid=os.getpid(),
+                 peak_rss_mb=peak_rss_mb())
     return stats
 
 
