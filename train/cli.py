@@ -1,0 +1,111 @@
+"""``segswap-train``: train the co-segmentation model on shards.
+
+    segswap-train --shards 'out/train-{000000..000099}.tar' --val-shards 'out/val-000000.tar' \\
+        --out runs/exp1 --backbone-weights moco_v2_800ep_pretrain.pth.tar
+    torchrun --nproc_per_node 4 -m segswap.train.cli --shards ... --out runs/exp1     # several GPUs
+    segswap-train --phase hardneg --init runs/exp1/last.pth --shards ... --out runs/exp1-hardneg
+
+Every flag maps to one key of the YAML config (``--config FILE``; see ``segswap.train.config.DEFAULTS``);
+flags override the file. Rerunning a command whose ``--out`` holds ``last.pth`` resumes it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from segswap.train.config import ConfigError, resolve
+
+# flag dest -> dotted config key. One table, so wrappers (SLURM/Ray launchers) reuse the same names.
+FLAG_KEYS = {
+    "shards": "data.shards", "val_shards": "data.val_shards", "out": "train.out",
+    "arch": "model.arch", "model": "model.transformer.model", "max_steps": "train.max_steps",
+    "device": "train.device", "backbone_weights": "model.backbone_weights", "init": "model.init",
+    "phase": "train.phase", "seed": "train.seed",
+    "lr": "optim.lr", "warmup_steps": "optim.warmup_steps", "lr_steps": "optim.lr_steps",
+    "lr_gamma": "optim.lr_gamma", "grad_clip": "optim.grad_clip", "weight_decay": "optim.weight_decay",
+    "batch_pos": "data.batch_pos", "batch_neg": "data.batch_neg", "image_size": "data.image_size",
+    "workers": "data.workers", "shuffle_buffer": "data.shuffle_buffer", "strict_data": "data.strict",
+    "eta": "loss.eta", "transported_mask": "loss.transported_mask",
+    "log_every": "train.log_every", "ckpt_every": "train.ckpt_every", "val_every": "train.val_every",
+    "val_pairs": "train.val_pairs", "resume": "train.resume", "amp": "train.amp",
+    "hardneg_pool": "hardneg.pool_size", "hardneg_threshold": "hardneg.threshold",
+    "hardneg_iters": "hardneg.iters_per_pool", "hardneg_batch": "hardneg.batch_hard",
+    "pixel_contrast": "contrast.weight", "contrast_temperature": "contrast.temperature",
+    "contrast_queue": "contrast.queue", "contrast_warmup": "contrast.warmup",
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("segswap-train", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--config", help="YAML config (same nesting as the defaults); flags override it")
+    g.add_argument("--shards", help="training shards: path, brace list, directory, pipe: URL, '::'-joined")
+    g.add_argument("--val-shards", help="held-out shards for validation (mask IoU, correspondence error)")
+    g.add_argument("--out", help="run directory (resumes from OUT/last.pth when it exists)")
+    g.add_argument("--no-resume", dest="resume", action="store_const", const=False,
+                   help="start from scratch even if OUT/last.pth exists (it will be overwritten)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["transformer", "ncnet"], help="head architecture (default transformer)")
+    g.add_argument("--model", choices=["tiny", "small", "base", "large"], help="transformer size (default small)")
+    g.add_argument("--backbone-weights", help="ResNet-50 weights: MoCo v2, torchvision or official SegSwap file")
+    g.add_argument("--init", help="initial weights: one of our checkpoints or an official SegSwap one")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--phase", choices=["main", "hardneg"], help="main training or hard-negative fine-tuning")
+    g.add_argument("--max-steps", type=int, help="total optimiser steps of this run (default 200000)")
+    g.add_argument("--seed", type=int, help="root seed of every random choice (default 0)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--lr", type=float, help="learning rate (main 2e-4, hardneg 1e-5)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (main 1000, hardneg 0)")
+    g.add_argument("--lr-steps", type=int, nargs="*", help="steps at which lr is multiplied by --lr-gamma")
+    g.add_argument("--lr-gamma", type=float, help="step decay factor (default 0.05)")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default)")
+    g.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CUDA (default on; ignored on CPU)")
+    g = p.add_argument_group("data")
+    g.add_argument("--batch-pos", type=int, help="positive pairs per step (default 5)")
+    g.add_argument("--batch-neg", type=int, help="in-batch negatives per step (default 15)")
+    g.add_argument("--image-size", type=int, help="training image size, multiple of 16 (default 480)")
+    g.add_argument("--workers", type=int, help="DataLoader workers per process (default 4)")
+    g.add_argument("--shuffle-buffer", type=int, help="samples in the shuffle buffer per worker (default 500)")
+    g.add_argument("--strict-data", action="store_const", const=True,
+                   help="stop at the first corrupt sample instead of skipping and counting it")
+    g = p.add_argument_group("loss")
+    g.add_argument("--eta", type=float, help="weight of the correspondence term (default 8)")
+    g.add_argument("--transported-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the transported-mask term (default on)")
+    g.add_argument("--pixel-contrast", type=float, help="weight of the pixel-contrast term, 0 = off (default)")
+    g.add_argument("--contrast-temperature", type=float, help="pixel-contrast temperature (default 0.1)")
+    g.add_argument("--contrast-queue", type=int, help="pixel-contrast memory queue per class (default 5000)")
+    g.add_argument("--contrast-warmup", type=int, help="steps before the contrast term is switched on (default 1000)")
+    g = p.add_argument_group("hard negatives (--phase hardneg)")
+    g.add_argument("--hardneg-pool", type=int, help="N_pool images per pool (default 500)")
+    g.add_argument("--hardneg-threshold", type=float, help="tau on mean mask0 + mean mask1 (default 0.04)")
+    g.add_argument("--hardneg-iters", type=int, help="K_hard steps per pool (default 1000)")
+    g.add_argument("--hardneg-batch", type=int, help="hard negatives added per step (default 5)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
+    g.add_argument("--ckpt-every", type=int, help="steps between periodic checkpoints (default 5000)")
+    g.add_argument("--val-every", type=int, help="steps between validations (default 5000)")
+    g.add_argument("--val-pairs", type=int, help="held-out pairs per validation (default 200)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    return resolve(args.config, {key: getattr(args, dest) for dest, key in FLAG_KEYS.items()})
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"segswap-train: {e}", file=sys.stderr)
+        return 2
+    from segswap.train.trainer import train  # after argument errors: torch start-up is slow
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Submanifold sparse 4D convolution in plain PyTorch (the engine of Sparse NC-Net).
+
+A sparse 4D volume is a set of N points with integer coordinates ``(b, iA, jA, iB, jB)`` (batch, row and
+column in image A, row and column in image B) and a feature matrix ``[N, C]``. A *submanifold*
+convolution produces outputs only at the input points::
+
+    out[p] = bias + sum over offsets d with p + d active:  x[p + d] @ W[d]
+
+This is cross-correlation, as in ``torch.nn.Conv*`` and MinkowskiEngine's ``MinkowskiConvolution``.
+
+How it is computed
+    1. :meth:`NeighbourMap.build` hashes every coordinate to one int64 key (row-major over
+       ``(b, iA, jA, iB, jB)``), sorts the keys once, and for every kernel offset finds the neighbour
+       ``p + d`` with ``torch.searchsorted``. The result is a list of (input, output) index pairs grouped
+       by offset. The map depends only on the coordinates, so it is built once per volume and reused by
+       every layer of the stack (and by the A/B-swapped branch of symmetric mode, see
+       :func:`swap_ab_kernel`). Pairs for offset ``-d`` are the mirror of those for ``d``, so only half
+       of the offsets are searched.
+    2. :func:`sparse_conv4d` runs gather -> GEMM -> scatter per offset: ``x[in] @ W[d]`` is added to
+       ``out[out]`` with ``index_add_``. A custom autograd function keeps only ``x`` and the map for the
+       backward pass (no per-offset gathered copies), and computes the input gradient with the same
+       gather -> GEMM -> scatter on the transposed kernel.
+
+Kernel layout (MinkowskiEngine's, so Sparse NC-Net weights convert unchanged)
+    ``weight``: ``[K**4, C_in, C_out]``; ``bias``: ``[C_out]``. The offset of kernel row ``k`` is
+    ``d = (u0, u1, u2, u3) - (K - 1) // 2`` with ``k = u0 + K*u1 + K**2*u2 + K**3*u3``: the first spatial
+    coordinate (iA) varies fastest. For K = 3: ``k = (diA+1) + 3(djA+1) + 9(diB+1) + 27(djB+1)``, the
+    centre tap is ``k = 40``. :func:`me_kernel_to_dense` / :func:`dense_kernel_to_me` convert to and from the
+    dense ``[C_out, C_in, K, K, K, K]`` layout of :mod:`segswap.train.dense4d`.
+
+Everything is device-agnostic (CPU and CUDA); float32 and float64 features are supported.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SPATIAL_DIMS = 4
+
+
+def kernel_offsets(kernel_size: int, device=None) -> torch.Tensor:
+    """``[K**4, 4]`` int64 offsets (diA, djA, diB, djB) in MinkowskiEngine order (first dim fastest)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive for a submanifold convolution, got {kernel_size}")
+    r = torch.arange(kernel_size, device=device) - (kernel_size - 1) // 2
+    # meshgrid with "ij" makes the LAST axis fastest; build (u3, u2, u1, u0) and flip so u0 is fastest.
+    g = torch.meshgrid(r, r, r, r, indexing="ij")
+    return torch.stack([g[3], g[2], g[1], g[0]], dim=-1).reshape(-1, SPATIAL_DIMS)
+
+
+def me_kernel_to_dense(weight: torch.Tensor) -> torch.Tensor:
+    """``[K**4, C_in, C_out]`` (MinkowskiEngine order) -> dense ``[C_out, C_in, K, K, K, K]`` over (iA, jA, iB, jB)."""
+    k4, c_in, c_out = weight.shape
+    k = _kernel_size_of(k4)
+    # Row index k = u0 + K u1 + K^2 u2 + K^3 u3, so a C-order reshape gives axes (u3, u2, u1, u0).
+    w = weight.reshape(k, k, k, k, c_in, c_out)
+    return w.permute(5, 4, 3, 2, 1, 0).contiguous()
+
+
+def dense_kernel_to_me(weight: torch.Tensor) -> torch.Tensor:
+    """Dense ``[C_out, C_in, K, K, K, K]`` -> ``[K**4, C_in, C_out]`` in MinkowskiEngine order."""
+    c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    return weight.permute(5, 4, 3, 2, 1, 0).reshape(k ** 4, c_in, c_out).contiguous()
+
+
+def swap_ab_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel that, applied to a volume, equals applying ``weight`` to its A/B-swapped copy and swapping back.
+
+    Swapping A and B maps coordinate (iA, jA, iB, jB) to (iB, jB, iA, jA); a point keeps its identity, and
+    the neighbour at offset d in the swapped volume is the neighbour at swap(d) in the original. So the
+    symmetric branch reuses the original neighbour map with ``W'[d] = W[swap(d)]``.
+    """
+    k4, c_in, c_out = weight.shape
+    k = _kernel_size_of(k4)
+    w = weight.reshape(k, k, k, k, c_in, c_out)  # axes (u3=jB, u2=iB, u1=jA, u0=iA)
+    return w.permute(2, 3, 0, 1, 4, 5).reshape(k4, c_in, c_out)
+
+
+def _kernel_size_of(kernel_volume: int) -> int:
+    k = round(kernel_volume ** (1 / SPATIAL_DIMS))
+    if k ** SPATIAL_DIMS != kernel_volume:
+        raise ValueError(f"kernel has {kernel_volume} rows, not K**4 for an integer K")
+    return k
+
+
+def coordinate_keys(coords: torch.Tensor, spatial_shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Row-major int64 key of each ``(b, iA, jA, iB, jB)`` row; unique per point within the bounds."""
+    strides = _strides(spatial_shape, coords.device)
+    return coords[:, 0] * strides[0] + (coords[:, 1:] * strides[1:]).sum(1)
+
+
+def _strides(spatial_shape, device) -> torch.Tensor:
+    h_a, w_a, h_b, w_b = spatial_shape
+    return torch.tensor([h_a * w_a * h_b * w_b, w_a * h_b * w_b, h_b * w_b, w_b, 1], dtype=torch.int64, device=device)
+
+
+@dataclass(frozen=True)
+class NeighbourMap:
+    """(input, output) point-index pairs of a submanifold 4D convolution, grouped by kernel offset.
+
+    ``in_index[starts[k]:starts[k+1]]`` are the points that feed ``out_index[...]`` through kernel row k.
+    """
+
+    num_points: int
+    kernel_size: int
+    in_index: torch.Tensor   # [M] int64
+    out_index: torch.Tensor  # [M] int64
+    starts: tuple[int, ...]  # K**4 + 1 python ints (so slicing never synchronises a GPU)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.starts[-1]
+
+    def pairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = self.starts[k], self.starts[k + 1]
+        return self.in_index[s:e], self.out_index[s:e]
+
+    @classmethod
+    def build(cls, coords: torch.Tensor, spatial_shape: tuple[int, int, int, int],
+              kernel_size: int = 3) -> NeighbourMap:
+        """Neighbour pairs of ``coords`` ([N, 5] integer (b, iA, jA, iB, jB)) inside ``spatial_shape`` (hA, wA, hB, wB).
+
+        Coordinates must be unique and inside the bounds; a ValueError says which row is not.
+        """
+        if coords.ndim != 2 or coords.shape[1] != 1 + SPATIAL_DIMS:
+            raise ValueError(f"coords must be [N, 5] (b, iA, jA, iB, jB), got {tuple(coords.shape)}")
+        coords = coords.long()
+        n = coords.shape[0]
+        device = coords.device
+        bounds = torch.tensor(spatial_shape, dtype=torch.int64, device=device)
+        if n:
+            bad = (coords[:, 1:] < 0).any(1) | (coords[:, 1:] >= bounds).any(1) | (coords[:, 0] < 0)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                raise ValueError(f"coordinate row {row} {coords[row].tolist()} is outside the volume {tuple(spatial_shape)}")
+        keys = coordinate_keys(coords, spatial_shape)
+        sorted_keys, order = torch.sort(keys)
+        if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            dup = int((sorted_keys[1:] == sorted_keys[:-1]).nonzero()[0])
+            raise ValueError(f"duplicate coordinate {coords[order[dup]].tolist()} in a sparse volume")
+
+        offsets = kernel_offsets(kernel_size, device)
+        k4 = offsets.shape[0]
+        centre = k4 // 2  # offset 0; rows k and k4-1-k are mirror offsets (d and -d)
+        strides = _strides(spatial_shape, device)[1:]
+        point_index = torch.arange(n, device=device)
+        found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k4
+        found[centre] = (point_index, point_index)
+        for k in range(centre):
+            d = offsets[k]
+            target = coords[:, 1:] + d
+            inside = ((target >= 0) & (target < bounds)).all(1)
+            nkeys = keys + (d * strides).sum()
+            pos = torch.searchsorted(sorted_keys, nkeys).clamp_(max=max(n - 1, 0))
+            hit = inside & (sorted_keys[pos] == nkeys) if n else inside
+            out_pts = point_index[hit]
+            in_pts = order[pos[hit]]
+            found[k] = (in_pts, out_pts)
+            found[k4 - 1 - k] = (out_pts, in_pts)  # p = q + d  <=>  q = p + (-d)
+        counts = [int(f[0].numel()) for f in found]
+        starts = (0, *torch.tensor(counts).cumsum(0).tolist())
+        in_index = torch.cat([f[0] for f in found])
+        out_index = torch.cat([f[1] for f in found])
+        return cls(num_points=n, kernel_size=kernel_size, in_index=in_index, out_index=out_index,
+                   starts=tuple(int(s) for s in starts))
+
+
+def _gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap,
+                         transpose: bool = False) -> torch.Tensor:
+    """sum over offsets of scatter(x[in] @ W[k]) into out (or, transposed, x[out] @ W[k].T into in)."""
+    k4 = weight.shape[0]
+    c_out = weight.shape[1] if transpose else weight.shape[2]
+    out = x.new_zeros(nmap.num_points, c_out)
+    centre = k4 // 2
+    for k in range(k4):
+        src, dst = nmap.pairs(k)
+        if src.numel() == 0:
+            continue
+        w = weight[k].t() if transpose else weight[k]
+        if transpose:
+            src, dst = dst, src
+        if k == centre:  # identity map: no gather, no scatter
+            out.addmm_(x, w)
+        else:
+            out.index_add_(0, dst, x.index_select(0, src) @ w)
+    return out
+
+
+class _SparseConv4dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, nmap):
+        ctx.nmap = nmap
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        out = _gather_gemm_scatter(x, weight, nmap)
+        if bias is not None:
+            out += bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        nmap: NeighbourMap = ctx.nmap
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _gather_gemm_scatter(grad_out, weight, nmap, transpose=True)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight)
+            for k in range(weight.shape[0]):
+                src, dst = nmap.pairs(k)
+                if src.numel():
+                    grad_w[k] = x.index_select(0, src).t() @ grad_out.index_select(0, dst)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def sparse_conv4d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  nmap: NeighbourMap) -> torch.Tensor:
+    """Submanifold 4D convolution: ``x`` [N, C_in], ``weight`` [K**4, C_in, C_out], ``bias`` [C_out] -> [N, C_out]."""
+    if x.ndim != 2 or x.shape[0] != nmap.num_points:
+        raise ValueError(f"features must be [N={nmap.num_points}, C], got {tuple(x.shape)}")
+    if weight.ndim != 3 or weight.shape[0] != nmap.kernel_size ** SPATIAL_DIMS or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [{nmap.kernel_size ** SPATIAL_DIMS}, {x.shape[1]}, C_out], "
+                         f"got {tuple(weight.shape)}")
+    return _SparseConv4dFunction.apply(x.contiguous(), weight, bias, nmap)
+
+
+class SubmanifoldConv4d(nn.Module):
+    """A submanifold 4D convolution layer with MinkowskiEngine-layout parameters.
+
+    ``weight``: [K**4, in_channels, out_channels]; ``bias``: [out_channels]. Initialised like
+    ``torch.nn.Conv*`` (kaiming-uniform with a=sqrt(5), i.e. bound 1/sqrt(fan_in), fan_in = C_in * K**4).
+    ``forward(x, nmap, swap_ab=False)``; with ``swap_ab`` the layer acts as if on the A/B-swapped volume.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
+        super().__init__()
+        _ = kernel_offsets(kernel_size)  # validates: odd and positive
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(kernel_size ** SPATIAL_DIMS, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size ** SPATIAL_DIMS)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, nmap: NeighbourMap, swap_ab: bool = False) -> torch.Tensor:
+        if nmap.kernel_size != self.kernel_size:
+            raise ValueError(f"neighbour map built for kernel {nmap.kernel_size}, layer has kernel {self.kernel_size}")
+        weight = swap_ab_kernel(self.weight) if swap_ab else self.weight
+        return sparse_conv4d(x, weight, self.bias, nmap)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"bias={self.bias is not None}")
