@@ -2,7 +2,11 @@
 
 Discovery (paper §5): the N_eig leading eigenvectors of the graph, then K-means with K clusters. We use
 the symmetrically normalised adjacency S = D^-1/2 A D^-1/2 (Ng-Jordan-Weiss spectral clustering; rows of
-the embedding are L2-normalised before K-means) so large, heavy groups do not take every eigenvector.
+the embedding are L2-normalised before K-means) so large, heavy groups do not take every eigenvector,
+*regularised* with tau = the mean degree added to every degree (D -> D + tau I, Qin & Rohe 2013): a
+correspondence graph has many tiny components (a few spurious matches), and without regularisation each
+of them has eigenvalue exactly 1 and takes a leading eigenvector from the real clusters; with it a
+component's eigenvalue is about d / (d + tau), so heavy, well-connected groups come first.
 ``normalise=False`` uses the raw adjacency, as the paper's wording has it.
 
 Solvers: ``eigsh`` (ARPACK Lanczos, largest algebraic eigenvalues) for small graphs, and for large
@@ -27,14 +31,17 @@ log = logging.getLogger(__name__)
 EIGSH_MAX_NODES = 20_000
 
 
-def _normalised(adj: sp.spmatrix) -> tuple[sp.csr_matrix, np.ndarray]:
+def _normalised(adj: sp.spmatrix, regularise: bool = True) -> tuple[sp.csr_matrix, np.ndarray]:
     deg = np.asarray(adj.sum(1)).ravel()
+    if regularise:  # tau = mean degree (Qin & Rohe 2013)
+        deg = deg + (deg.mean() if len(deg) else 0.0)
     inv_sqrt = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-30)), 0.0)
     d = sp.diags(inv_sqrt.astype(np.float64))
     return (d @ adj.astype(np.float64) @ d).tocsr(), deg
 
 
-def leading_eigenvectors(adj: sp.spmatrix, k: int, *, normalise: bool = True, method: str = "auto",
+def leading_eigenvectors(adj: sp.spmatrix, k: int, *, normalise: bool = True, regularise: bool = True,
+                         method: str = "auto",
                          seed: int = 0, tol: float = 1e-4, maxiter: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenpairs of the (normalised) adjacency: (values [k] descending, vectors [n, k])."""
     n = adj.shape[0]
@@ -42,7 +49,7 @@ def leading_eigenvectors(adj: sp.spmatrix, k: int, *, normalise: bool = True, me
         return np.zeros(0), np.zeros((0, 0))
     k = max(1, min(k, n - 1 if n > 1 else 1))
     rng = np.random.default_rng(seed)
-    op = _normalised(adj)[0] if normalise else adj.astype(np.float64).tocsr()
+    op = _normalised(adj, regularise)[0] if normalise else adj.astype(np.float64).tocsr()
     if method == "auto":
         method = "eigsh" if (n <= EIGSH_MAX_NODES or not normalise) else "lobpcg"
     if n <= max(2 * k + 1, 64):  # tiny graph: dense is exact and instant
