@@ -90,6 +90,13 @@ def make_job(cfg: dict, segments_json: str, images_dir: str) -> dict:
         "styliser": {"style_images": cfg["style_images"], "adain_weights": cfg["adain_weights"],
                      "strength": tuple(cfg["style_strength"]) if cfg["style_strength"] else None},
     }
+    from segswap.pipeline.render import RENDER_DEFAULTS
+
+    own = {"size", "blend", "flow_stride", "min_cells", "p_two_object"}  # set by their own flags
+    unknown = sorted(set(cfg["render"]) - (set(RENDER_DEFAULTS) - own))
+    if unknown:
+        raise ConfigError(f"render: unknown or flag-only key(s) {unknown}; the renderer takes "
+                          f"{sorted(set(RENDER_DEFAULTS) - own)} here (and {sorted(own)} as flags)")
     job["fingerprint"] = job_fingerprint(job)
     return job
 
@@ -108,12 +115,19 @@ def check_same_dataset(cfg: dict) -> None:
 
 
 def remove_selected(out: str, shard_ids: list[int], everything: bool) -> None:
-    for sid in shard_ids:
-        for path in (os.path.join(out, SHARD_PATTERN % sid), os.path.join(out, SHARD_PATTERN % sid) + TMP_SUFFIX):
-            if os.path.exists(path):
-                os.remove(path)
+    """Delete the selected shards, or (``everything``) every shard and record of the folder."""
+    paths = [os.path.join(out, SHARD_PATTERN % sid) for sid in shard_ids]
     if everything:
+        paths += shard_index.list_shards(out)
+    for path in paths:
+        for p in (path, path + TMP_SUFFIX):
+            if os.path.exists(p):
+                os.remove(p)
+    if everything:
+        for tmp in glob.glob(os.path.join(out, "*.tar" + TMP_SUFFIX)):
+            os.remove(tmp)
         shutil.rmtree(os.path.join(out, shard_index.PARTS_DIR), ignore_errors=True)
+        shutil.rmtree(os.path.join(out, SEGMENTS_CACHE + ".parts"), ignore_errors=True)
         for name in (shard_index.INDEX_NAME, shard_index.MANIFEST_NAME, SEGMENTS_CACHE):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
@@ -173,9 +187,11 @@ def _ensure_ray(cfg: dict):
 def _run_in_process(job: dict, shard_ids: list[int], on_result) -> None:
     for sid in shard_ids:
         try:
-            on_result(sid, generate_shard(job, sid), None)
-        except ShardFailed as e:
+            stats = generate_shard(job, sid)
+        except (ShardFailed, OSError) as e:
             on_result(sid, None, e)
+            continue
+        on_result(sid, stats, None)
 
 
 def _run_on_ray(ray, job: dict, shard_ids: list[int], workers: int, on_result) -> None:
@@ -190,15 +206,15 @@ def _run_on_ray(ray, job: dict, shard_ids: list[int], workers: int, on_result) -
         ready, _ = ray.wait(list(pending), num_returns=1)
         sid = pending.pop(ready[0])
         try:
-            on_result(sid, ray.get(ready[0]), None)
-        except ShardFailed as e:
+            stats = ray.get(ready[0])
+        except (ShardFailed, OSError) as e:
             on_result(sid, None, e)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, ShardFailed):
-                on_result(sid, None, cause)
-            else:
-                raise
+            continue
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError) as e:
+            # Lost after Ray's retries: record it and finish the others; a rerun redoes this shard.
+            on_result(sid, None, e)
+            continue
+        on_result(sid, stats, None)
 
 
 def part_name(shard_ids: list[int]) -> str:
@@ -238,8 +254,9 @@ def generate(cfg: dict) -> dict:
         def on_result(sid, stats, error):
             url = SHARD_PATTERN % sid
             if error is not None:
-                log.error("%s", error)
-                failed[url] = {"attempts": error.attempts, "skips": error.skips}
+                log.error("%s failed: %s", url, error)
+                failed[url] = {"error": f"{type(error).__name__}: {error}",
+                               "attempts": getattr(error, "attempts", 0), "skips": getattr(error, "skips", {})}
                 progress.update(1, 0)
                 return
             results[url] = stats
@@ -265,8 +282,9 @@ def generate(cfg: dict) -> dict:
         skips.update(f["skips"])
     summary = {
         "shards_selected": len(shard_ids), "shards_written": len(written), "shards_resumed": len(done),
-        "shards_failed": sorted(failed), "pairs_written": new_pairs,
+        "shards_failed": sorted(failed), "failures": failed, "pairs_written": new_pairs,
         "attempts": sum(r["attempts"] for r in written), "skips": dict(sorted(skips.items())),
+        "pairs_missing": sum(r.get("short_by", 0) for r in written),
         "generation_time_s": round(gen_time, 3),
         "pairs_per_s": round(new_pairs / gen_time, 3) if gen_time > 0 and new_pairs else 0.0,
     }
@@ -279,7 +297,8 @@ def generate(cfg: dict) -> dict:
         "shards_resumed": sorted(SHARD_PATTERN % s for s in done), "shards": dict(sorted(results.items())),
         "summary": summary, "wall_time_s": round(time.perf_counter() - t0, 3), "finished_unix": time.time(),
     }
-    shard_index.write_part(out, part["name"], part)
+    if shard_ids:  # an empty range only prepares (segments): nothing to record
+        shard_index.write_part(out, part["name"], part)
     index, manifest = shard_index.rebuild(out)
     summary["dataset_shards"] = manifest["counts"]["shards"]
     summary["dataset_pairs"] = manifest["counts"]["pairs"]
@@ -294,6 +313,3 @@ def log_summary(summary: dict) -> None:
              summary["shards_resumed"], len(summary["shards_failed"]), summary["generation_time_s"],
              summary["pairs_per_s"], skips, summary["dataset_shards"], summary["dataset_pairs"])
 
-
-def list_tmp(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, "*" + TMP_SUFFIX)))

@@ -53,8 +53,9 @@ def build_worker_state(job: dict) -> tuple:
         segments = SegmentIndex.from_coco(job["segments_json"], job["images_dir"], **job["segment_filters"])
         if not len(segments):
             raise ValueError(f"{job['segments_json']}: no usable segments (skipped: {dict(segments.skipped)})")
-        backgrounds = sorted(str(rec.path) for rec in segments.images.values())
-        renderer = PairRenderer(segments, backgrounds, **job["renderer"])
+        # Backgrounds: the index's own images, so the renderer knows which categories each holds
+        # (sources are drawn from categories absent from the background).
+        renderer = PairRenderer(segments, None, **job["renderer"])
         styliser = build_styliser(job["style"], **job["styliser"])
         _WORKER_STATE.clear()
         state = _WORKER_STATE[key] = (renderer, styliser)
@@ -73,6 +74,9 @@ def _seed_record(seq: np.random.SeedSequence) -> dict:
 
 def generate_shard(job: dict, shard_id: int) -> dict:
     """Generate one shard into ``job["out"]``; returns its statistics and index entry.
+
+    Pairs are rendered with ``render_pair(rng, key, seed=...)`` (no style), then stylised
+    ``style_batch`` pairs at a time: the styliser fills ``sty0``/``sty1`` and ``json["style"]``.
 
     Runs single-threaded (BLAS, OpenMP, OpenCV, torch), as a Ray task with one CPU would: the
     parallelism is across shards, and a multi-threaded reduction could round differently in this
@@ -127,7 +131,7 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                 attempts += 1
                 key = sample_key(shard_id, written + len(batch))
                 try:
-                    pair = renderer.render_pair(np.random.default_rng(seq), key)
+                    pair = renderer.render_pair(np.random.default_rng(seq), key, seed=_seed_record(seq))
                 except SkipPair as e:
                     skip(getattr(e, "reason", None) or str(e) or "skip", str(e))
                     continue
@@ -137,7 +141,6 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                 except Exception as e:  # a renderer bug on odd input: count, show once, keep going
                     skip(f"error:{type(e).__name__}", f"{e}\n{traceback.format_exc()}")
                     continue
-                pair.meta["seed"] = _seed_record(seq)
                 batch.append(pair)
             if styliser is not None and batch:
                 images = [im for p in batch for im in (p.img0, p.img1)]
@@ -146,16 +149,14 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                     p.sty0, p.sty1 = styled[2 * i], styled[2 * i + 1]
                     p.meta["style"] = [infos[2 * i], infos[2 * i + 1]]
             for p in batch:
-                p.meta.setdefault("style", [None, None])
                 writer.write(p)
                 written += 1
         if written == 0:
             raise ShardFailed(shard_id, attempts, dict(skips))
     if written < n_pairs:
-        skips["shard_short"] += n_pairs - written
         log.warning("shard %d: only %d of %d pairs after %d attempts (skips: %s)", shard_id, written, n_pairs,
                     attempts, dict(skips))
-    stats.update(pairs=written, attempts=attempts, skips=dict(sorted(skips.items())),
+    stats.update(pairs=written, short_by=n_pairs - written, attempts=attempts, skips=dict(sorted(skips.items())),
                  wall_time_s=round(time.perf_counter() - t0, 3), entry=shard_entry(path), pid=os.getpid(),
                  peak_rss_mb=peak_rss_mb())
     return stats
