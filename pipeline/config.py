@@ -114,10 +114,25 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete the selected shards and start over (default: resume)")
     run.add_argument("--no-verify-existing", dest="verify_existing", action="store_false",
                      help="on resume trust finished shards without decoding them")
+    # The extractor's own flags (--features, --box-quantile, ...), shared with segswap-segments; they
+    # land in cfg["unsupervised"].
+    from segswap.segments.cli import add_extraction_arguments
+
+    add_extraction_arguments(p)
+    p.set_defaults(features=None)  # unset unless given, so a config file's `unsupervised: {features}` holds
     p.add_argument("--config", metavar="FILE", help="YAML file of options (flags override it)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def extraction_keys() -> list[str]:
+    """Options of the unsupervised extractor (``unsupervised:`` in YAML, flags on the command line)."""
+    import dataclasses
+
+    from segswap.segments.unsupervised import ExtractionParams
+
+    return ["features", "chunk_size", *(f.name for f in dataclasses.fields(ExtractionParams))]
 
 
 def load_yaml(path: str) -> dict:
@@ -157,6 +172,8 @@ def resolve(args: dict) -> dict:
     config_file = args.pop("config", None)
     if config_file:
         cfg.update(load_yaml(config_file))
+    extraction = {k: args.pop(k) for k in extraction_keys() if k in args}
+    cfg["unsupervised"] = {**(cfg["unsupervised"] or {}), **{k: v for k, v in extraction.items() if v is not None}}
     unknown = sorted(set(args) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}")
@@ -200,6 +217,9 @@ def validate(cfg: dict, source: str = "options") -> dict:
             cfg[key] = {}
         if not isinstance(cfg[key], dict):
             fail(key, "must be a mapping of option: value")
+    unknown = sorted(set(cfg["unsupervised"]) - set(extraction_keys()))
+    if unknown:
+        fail("unsupervised", f"unknown key(s) {unknown}; known: {extraction_keys()}")
     if cfg["coco_annotations"] and cfg["segments"] != "coco":
         fail("coco_annotations", "is only used with --segments coco")
     if cfg["style_strength"] is not None:

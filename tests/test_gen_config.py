@@ -24,9 +24,10 @@ def test_defaults_and_flags():
 
 def test_yaml_then_flags_override(tmp_path):
     path = tmp_path / "gen.yaml"
-    path.write_text("seed: 3\npairs-per-shard: 5\nrender:\n  max_rotation: 10\n")
-    cfg = _cfg(["--config", str(path), "--seed", "4"])
-    assert cfg["seed"] == 4 and cfg["pairs_per_shard"] == 5 and cfg["render"] == {"max_rotation": 10}
+    path.write_text("seed: 3\npairs-per-shard: 5\nrender:\n  p_tps: 0.1\nunsupervised:\n  max_boxes: 4\n")
+    cfg = _cfg(["--config", str(path), "--seed", "4", "--box-quantile", "0.8"])
+    assert cfg["seed"] == 4 and cfg["pairs_per_shard"] == 5 and cfg["render"] == {"p_tps": 0.1}
+    assert cfg["unsupervised"] == {"max_boxes": 4, "box_quantile": 0.8}
 
 
 @pytest.mark.parametrize("text,match", [
@@ -34,6 +35,7 @@ def test_yaml_then_flags_override(tmp_path):
     ("seed: three\n", "seed: must be an integer"),
     ("size: 100\n", "multiple of 16"),
     ("- a\n", "mapping"),
+    ("unsupervised:\n  box_quantil: 0.3\n", "box_quantil"),
     ("seed: [\n", "not valid YAML"),
 ])
 def test_bad_config_files_name_file_and_key(tmp_path, text, match):
