@@ -90,6 +90,7 @@ class ExtractionParams:
     min_fill: float = _param(0.2, "smallest segment area / its box's area")
     max_fill: float = _param(0.97, "largest segment area / its box's area (above: the box itself)")
     mask_nms_iou: float = _param(0.5, "mask IoU above which the lower-scoring segment is dropped")
+    min_score: float = _param(0.0, "drop segments whose score (saliency rank of the mask, 0..1) is lower")
     max_segments: int = _param(10, "segments kept per image")
     min_side: int = _param(64, "images with a shorter side (px) are skipped as tiny")
     max_pixels: int = _param(100_000_000, "images with more pixels are skipped as huge")
@@ -98,7 +99,7 @@ class ExtractionParams:
     def __post_init__(self):
         if self.work_side < 64:
             raise ValueError(f"work_side must be >= 64 px, got {self.work_side}")
-        for name in ("box_quantile", "seed_quantile", "box_nms_iou"):
+        for name in ("box_quantile", "seed_quantile", "box_nms_iou", "min_score"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_boxes < 1 or self.max_segments < 1:
@@ -208,7 +209,7 @@ def extract_image(rgb: np.ndarray, extractor, params: ExtractionParams, *, rng_s
     t = time.perf_counter()
     gc = params.grabcut()
     cv2.setRNGSeed(int(rng_seed))
-    masks, scores, rejected = [], [], Counter()
+    masks, scores, masses, rejected = [], [], [], Counter()
     for box in kept_boxes:
         mask = grabcut_box(work, sal_map, box, seed_cut, gc)
         if mask is None:
@@ -219,10 +220,19 @@ def extract_image(rgb: np.ndarray, extractor, params: ExtractionParams, *, rng_s
         if reason is not None:
             rejected[reason] += 1
             continue
+        inside = sal_map[mask]
+        score = _quantile_rank(sorted_sal, float(inside.mean()))
+        if score < params.min_score:
+            rejected["low_score"] += 1
+            continue
         masks.append(mask)
-        scores.append(_quantile_rank(sorted_sal, float(sal_map[mask].mean())))
-    order = mask_nms(masks, np.asarray(scores), iou=gc.nms_iou)
-    rejected["duplicate"] += len(masks) - len(order)
+        scores.append(score)
+        masses.append(float((inside - seed_cut).sum()))
+    # Duplicates are resolved, and segments ordered, by salient mass above the seed cut-off (as boxes are):
+    # a part of an object is on average as salient as the whole, but the whole has more mass.
+    order = mask_nms(masks, np.asarray(masses), iou=gc.nms_iou)
+    if len(masks) > len(order):
+        rejected["duplicate"] += len(masks) - len(order)
     if len(order) > params.max_segments:
         rejected["over_max_segments"] += len(order) - params.max_segments
         order = order[:params.max_segments]
@@ -464,3 +474,22 @@ def _merge(chunks, out_json: Path, settings: dict, job_fingerprint: str, root: P
     log.info("wrote %s: %d segments on %d images; %d images without segments; %d skipped %s",
              out_json, len(annotations), len(images), len(without_segments), len(skipped),
              dict(skip_counts) if skip_counts else "")
+
+
+class UnsupervisedSegments:
+    """The :class:`segswap.segments.base.SegmentSource` for unsupervised segments.
+
+    ``UnsupervisedSegments(features="default", workers=0, seed=0, box_quantile=0.6, …).write_coco(images,
+    out_json)`` is :func:`run_extraction` with the options fixed up front (validated here, not later).
+    """
+
+    name = "unsupervised"
+
+    def __init__(self, *, features: str = "default", workers: int = 0, ray_address: str | None = None,
+                 seed: int = 0, chunk_size: int = 8, images_dir=None, **opts):
+        ExtractionParams.from_options(**opts)  # fail now on an unknown or invalid option
+        self.options = dict(features=features, workers=workers, ray_address=ray_address, seed=seed,
+                            chunk_size=chunk_size, images_dir=images_dir, **opts)
+
+    def write_coco(self, images, out_json) -> Path:
+        return run_extraction(images, out_json, **self.options)

@@ -1,0 +1,124 @@
+"""Contact sheet of segments over their photos, for any COCO segment file (unsupervised or COCO).
+
+    draw_segments("segments.json", "photos/", "sheet.png", n=12)
+
+Each tile is one image, scaled to ``tile_height`` px, with every segment filled in a distinct colour
+(semi-transparent), outlined, and labelled with its rank and score; the tile title gives the file name
+and the number of segments. Images without segments are drawn after those with segments, so the sheet
+shows results first. ``segswap-show`` delegates to :func:`draw_segments` for a ``.json`` input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def _palette(k: int) -> tuple[int, int, int]:
+    hue = (k * 47) % 180  # spread hues so neighbouring ranks differ
+    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
+    return int(bgr[0]), int(bgr[1]), int(bgr[2])
+
+
+def _tile(rgb: np.ndarray, anns: list[dict], title: str, tile_height: int, alpha: float) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    overlay = bgr.copy()
+    outlines = []
+    for k, ann in enumerate(anns):
+        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+        if mask.shape != bgr.shape[:2]:
+            mask = cv2.resize(mask.astype(np.uint8), bgr.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+        overlay[mask] = _palette(k)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        outlines.append((contours, _palette(k), ann))
+    out = cv2.addWeighted(overlay, alpha, bgr, 1.0 - alpha, 0.0)
+    scale = tile_height / out.shape[0]
+    out = cv2.resize(out, (max(1, round(out.shape[1] * scale)), tile_height), interpolation=cv2.INTER_AREA)
+    for k, (contours, colour, ann) in enumerate(outlines):
+        scaled = [np.round(c * scale).astype(np.int32) for c in contours]
+        cv2.drawContours(out, scaled, -1, colour, 2)
+        x, y = ann["bbox"][0] * scale, ann["bbox"][1] * scale
+        label = f"{k + 1}:{ann.get('score', 0):.2f}" if "score" in ann else f"{k + 1}"
+        cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3)
+        cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
+    bar = np.full((22, out.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, title[:max(8, out.shape[1] // 8)], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    return np.concatenate([bar, out], axis=0)
+
+
+def draw_segments(json_path, images_dir=None, out_png="segments.png", *, n: int = 12, columns: int = 4,
+                  tile_height: int = 200, alpha: float = 0.45) -> Path:
+    """Draw up to ``n`` images of a COCO segment file with their masks into ``out_png``; returns its path.
+
+    ``images_dir``: where the ``file_name`` entries are (default: ``info.provenance.images_dir`` of an
+    unsupervised segment file, else the json's folder). Missing or unreadable images are skipped with a
+    note on stderr.
+    """
+    from segswap.pipeline.images import BadImage, load_rgb
+
+    json_path = Path(json_path)
+    coco = json.loads(json_path.read_text())
+    if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+        raise ValueError(f"{json_path}: not a COCO annotation file (needs 'images' and 'annotations')")
+    if images_dir is None:
+        images_dir = coco.get("info", {}).get("provenance", {}).get("images_dir") or json_path.parent
+    images_dir = Path(images_dir)
+    by_image = defaultdict(list)
+    for ann in coco["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    for anns in by_image.values():
+        anns.sort(key=lambda a: -a.get("score", 0.0))
+    images = sorted(coco["images"], key=lambda im: (not by_image.get(im["id"]), im["id"]))
+    tiles = []
+    for im in images:
+        if len(tiles) >= n:
+            break
+        try:
+            rgb = load_rgb(images_dir / im["file_name"])
+        except BadImage as err:
+            print(f"draw_segments: skipping {err}", file=sys.stderr)
+            continue
+        anns = by_image.get(im["id"], [])
+        tiles.append(_tile(rgb, anns, f"{im['file_name']} ({len(anns)})", tile_height, alpha))
+    if not tiles:
+        raise ValueError(f"{json_path}: no drawable images found under {images_dir}")
+    rows = []
+    width = max(t.shape[1] for t in tiles)
+    for start in range(0, len(tiles), columns):
+        row = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255)
+               for t in tiles[start:start + columns]]
+        rows.append(np.concatenate(row, axis=1))
+    full_width = max(r.shape[1] for r in rows)
+    sheet = np.concatenate([np.pad(r, ((0, 4), (0, full_width - r.shape[1]), (0, 0)), constant_values=255)
+                            for r in rows], axis=0)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(out_png.stem + ".tmp" + out_png.suffix)
+    if not cv2.imwrite(str(tmp), sheet):
+        raise OSError(f"could not write {tmp}")
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("segswap-segments-show", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", type=Path, help="COCO segment file")
+    parser.add_argument("--images", type=Path, default=None, help="image folder (default: from the file)")
+    parser.add_argument("--out", type=Path, default=Path("segments.png"))
+    parser.add_argument("-n", type=int, default=12, help="images to draw [default: %(default)s]")
+    args = parser.parse_args(argv)
+    print(draw_segments(args.json, args.images, args.out, n=args.n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
