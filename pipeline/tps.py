@@ -61,7 +61,7 @@ class ThinPlateSpline:
         out = np.empty_like(p)
         for s in range(0, len(p), 65536):  # chunks bound the [N, n] kernel matrix
             q = p[s:s + 65536]
-            d2 = ((q[:, None, :] - self._c[None, :, :]) ** 2).sum(-1)
+            d2 = (q[:, 0:1] - self._c[:, 0]) ** 2 + (q[:, 1:2] - self._c[:, 1]) ** 2
             out[s:s + 65536] = self._a[0] + q @ self._a[1:] + _kernel(d2) @ self._w
         return out.reshape(shape)
 
@@ -73,7 +73,7 @@ class ThinPlateSpline:
         for s in range(0, len(p), 65536):
             q = p[s:s + 65536]
             diff = q[:, None, :] - self._c[None, :, :]  # [N, n, 2]
-            d2 = (diff ** 2).sum(-1)
+            d2 = diff[..., 0] ** 2 + diff[..., 1] ** 2
             with np.errstate(divide="ignore", invalid="ignore"):
                 g = np.where(d2 > 0, 2.0 * (np.log(d2) + 1.0), 0.0)  # dU/d(p_j) = g * diff_j
             # J_ij = A[1 + j, i] + sum_n w[n, i] * g[n] * diff[n, j], then undo the input scaling.

@@ -28,6 +28,7 @@ class CocoFixture:
     n_segments: int                    # usable segments
     skipped: Counter = field(default_factory=Counter)  # reason -> count the reader must report
     image_files: list[Path] = field(default_factory=list)
+    background_files: list[Path] = field(default_factory=list)  # photos without annotations
 
 
 def _smooth_texture(rng: np.random.Generator, h: int, w: int, cells: int = 6) -> np.ndarray:
@@ -48,7 +49,7 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[float]:
 
 
 def write_coco_fixture(root, *, n_images: int = 6, width: int = 128, height: int = 96, seed: int = 0,
-                       bad_entries: bool = True, image_ext: str = ".jpg") -> CocoFixture:
+                       bad_entries: bool = True, image_ext: str = ".jpg", n_backgrounds: int = 3) -> CocoFixture:
     root = Path(root)
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +126,15 @@ def write_coco_fixture(root, *, n_images: int = 6, width: int = 128, height: int
         ann_id += 1
         images.append({"id": 901, "file_name": 7, "width": width, "height": height})
         skipped["malformed_image"] += 1
+    backgrounds = []
+    (root / "backgrounds").mkdir(exist_ok=True)
+    for i in range(n_backgrounds):
+        path = root / "backgrounds" / f"bg_{i:03d}.png"
+        cv2.imwrite(str(path), _smooth_texture(rng, height, width, cells=8).astype(np.uint8)[:, :, ::-1])
+        backgrounds.append(path)
     data = {"images": images, "annotations": annotations, "categories": CATEGORIES,
             "info": {"description": "segswap test fixture"}}
     json_path = root / "instances.json"
     json_path.write_text(json.dumps(data))
     return CocoFixture(json_path=json_path, images_dir=images_dir, n_images=n_images, n_segments=n_good,
-                       skipped=skipped, image_files=files)
+                       skipped=skipped, image_files=files, background_files=backgrounds)
