@@ -2,6 +2,7 @@
 shard ranges, resume after SIGKILL, config guards, and the manifest."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,3 +124,22 @@ def test_resume_after_sigkill_gives_identical_bytes(reference, coco, tmp_path):
     assert _shard_bytes(out) == _shard_bytes(reference)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     assert shards_cli.main(["verify", str(out), "-q"]) == 0
+
+
+def test_bad_image_files_are_counted_and_the_job_completes(coco, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(coco.images_dir, images)
+    files = sorted(images.iterdir())
+    files[0].write_bytes(b"")                                   # zero-byte JPEG
+    files[1].write_bytes(files[1].read_bytes()[:200])           # truncated JPEG
+    out = tmp_path / "pairs"
+    args = _args(coco, out, "--workers", "0", "--num-shards", "2", "--pairs-per-shard", "4")
+    args[args.index("--images") + 1] = str(images)
+    assert cli.main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skips"].get("bad_image", 0) > 0
+    assert manifest["counts"]["pairs"] == 8
+    assert shards_cli.main(["verify", str(out), "-q"]) == 0, capsys.readouterr().err
+    used = {p.meta["source"]["file_name"] for p in iter_pairs(str(out))}
+    used |= {p.meta["background"]["file_name"] for p in iter_pairs(str(out))}
+    assert not used & {files[0].name, files[1].name}
