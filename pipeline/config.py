@@ -28,7 +28,7 @@ DEFAULTS = {
     # what is generated
     "segments": "unsupervised",     # coco: --coco-annotations; unsupervised: extracted from --images
     "images": None,                 # image folder (default: the embedded sample photos)
-    "coco_annotations": None,       # COCO instances json (--segments coco; default: the embedded one)
+    "coco_annotations": None,       # COCO instances json (needed by --segments coco)
     "unsupervised": {},             # options of segswap.segments.unsupervised.run_extraction
     "min_area": 0.0,                # segment filters of SegmentIndex.from_coco (pixels)
     "min_segment_side": 0.0,

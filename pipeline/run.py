@@ -2,9 +2,9 @@
 
 ``generate(cfg)`` is what ``segswap-gen`` calls with a resolved config (:mod:`pipeline.config`):
 
-1. segments: ``--segments coco`` reads ``--coco-annotations`` (default: the embedded corpus's json);
-   ``--segments unsupervised`` extracts them from ``--images`` into ``OUT/segments.json`` once, and
-   reuses that file on every rerun and by every part of a split job;
+1. segments: ``--segments coco`` reads ``--coco-annotations``; ``--segments unsupervised`` extracts
+   them from ``--images`` (default: the embedded sample photos, written to ``OUT/embedded-images``)
+   into ``OUT/segments.json`` once, and reuses that file on every rerun and by every part of a job;
 2. shards: the selected ids (all, ``--shard-range A:B``, or ``--task-index/--num-tasks``) minus those
    already finished: a shard file under its final name that verifies (resume is the default;
    ``--overwrite`` deletes the selected shards first);
@@ -35,6 +35,7 @@ from segswap.shards.writer import TMP_SUFFIX
 log = logging.getLogger("segswap.gen")
 
 SEGMENTS_CACHE = "segments.json"
+EMBEDDED_IMAGES = "embedded-images"
 # Tasks queued per worker: enough to keep workers busy while results come back, few enough that a
 # cluster-sized job does not submit thousands of tasks at once.
 IN_FLIGHT_PER_WORKER = 2
@@ -46,25 +47,23 @@ def resolve_segments(cfg: dict) -> tuple[str, str]:
     """(segments json, images folder) for the job, extracting unsupervised segments if needed."""
     images = cfg["images"]
     if cfg["segments"] == "coco":
-        if cfg["coco_annotations"]:
-            if not os.path.isfile(cfg["coco_annotations"]):
-                raise ConfigError(f"--coco-annotations {cfg['coco_annotations']}: file not found")
-            return cfg["coco_annotations"], images or os.path.dirname(os.path.abspath(cfg["coco_annotations"]))
-        if images:
-            raise ConfigError("--segments coco with --images needs --coco-annotations FILE "
-                              "(or use --segments unsupervised to extract segments from the images)")
-        from segswap.segments.embedded import embedded_coco
-        json_path, images_dir = embedded_coco()
-        return str(json_path), str(images_dir)
+        if not cfg["coco_annotations"]:
+            raise ConfigError("--segments coco needs --coco-annotations FILE (a COCO instances json); "
+                              "without annotations use --segments unsupervised")
+        if not os.path.isfile(cfg["coco_annotations"]):
+            raise ConfigError(f"--coco-annotations {cfg['coco_annotations']}: file not found")
+        return cfg["coco_annotations"], images or os.path.dirname(os.path.abspath(cfg["coco_annotations"]))
     if images is None:
-        from segswap.segments.embedded import embedded_images_dir
-        images = str(embedded_images_dir())
+        # The embedded corpus: scikit-image's sample photos, written once as files into the dataset
+        # folder so segments.json and every sample's provenance can name them.
+        from segswap.segments.embedded import embedded_images
+
+        images = os.path.join(cfg["out"], EMBEDDED_IMAGES)
+        embedded_images(images)
     if not os.path.isdir(images):
         raise ConfigError(f"--images {images}: not a directory")
-    try:
-        from segswap.segments.unsupervised import run_extraction
-    except ImportError as e:
-        raise ConfigError(f"--segments unsupervised is not available ({e}); use --segments coco") from e
+    from segswap.segments.unsupervised import run_extraction
+
     out_json = os.path.join(cfg["out"], SEGMENTS_CACHE)
     log.info("segments: unsupervised extraction from %s into %s (reused when complete)", images, out_json)
     path = run_extraction(images, out_json, workers=cfg["workers"], ray_address=cfg["ray_address"],
