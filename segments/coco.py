@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -88,7 +89,10 @@ class SegmentIndex:
 
     def decode_mask(self, seg: Segment) -> np.ndarray:
         """uint8 [H, W] with values 0/1 at the original image resolution."""
-        return np.ascontiguousarray(mask_utils.decode(seg.rle), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # pycocotools' decode calls np.array(copy=False), which numpy 2 flags; harmless here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return np.ascontiguousarray(mask_utils.decode(seg.rle), dtype=np.uint8)
 
     # ------------------------------------------------------------------------------------ loading
 

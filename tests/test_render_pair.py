@@ -1,0 +1,194 @@
+"""PairRenderer: format-valid pairs, exact correspondences, determinism, source choice, skips."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from coco_fixture import write_coco_fixture
+
+from segswap.pipeline.groundtruth import SkipPair
+from segswap.pipeline.render import PairRenderer, build_renderer
+from segswap.segments.coco import SegmentIndex
+from segswap.shards.format import check_consistency, check_pair, decode_sample, encode_sample, sample_key
+
+SIZE = 128
+MIN_CELLS = 4  # 9 of 64 cells is a lot at 128 px; the rule itself is tested separately
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    return write_coco_fixture(tmp_path_factory.mktemp("render"), bad_entries=False, width=160, height=128)
+
+
+@pytest.fixture(scope="module")
+def index(fixture):
+    return SegmentIndex.from_coco(fixture.json_path, fixture.images_dir)
+
+
+def _renderer(index, fixture, **kw):
+    opts = dict(size=SIZE, blend="none", min_cells=MIN_CELLS)
+    opts.update(kw)
+    return PairRenderer(index, fixture.background_files, **opts)
+
+
+def _render_some(renderer, n, root=0):
+    pairs, skips = [], []
+    for i in range(n):
+        try:
+            pairs.append(renderer.render_pair(np.random.default_rng([root, i]), sample_key(root, i), seed=[root, i]))
+        except SkipPair as e:
+            skips.append(e.reason)
+    return pairs, skips
+
+
+@pytest.fixture(scope="module")
+def pairs(index, fixture):
+    got, _ = _render_some(_renderer(index, fixture), 16)
+    assert len(got) >= 8
+    return got
+
+
+def test_pairs_pass_the_format_checks(pairs):
+    kinds = set()
+    for p in pairs:
+        check_pair(p, min_cells=MIN_CELLS)
+        check_consistency(p)
+        kinds.add(p.meta["kind"])
+        # and still after the JPEG/PNG/float16 round trip of a shard
+        q = decode_sample(encode_sample(p))
+        check_consistency(q)
+        assert np.array_equal(q.mask0, p.mask0) and json.loads(json.dumps(q.meta)) == q.meta
+    assert kinds == {"one-object", "two-object"}
+
+
+def _bilinear(img, x, y):
+    return cv2.remap(img.astype(np.float32), x.astype(np.float32)[:, None] - 0.5,
+                     y.astype(np.float32)[:, None] - 0.5, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)[:, 0]
+
+
+def test_flow_warps_image0_onto_image1(pairs):
+    """Before blending and style (blend none), image 1 inside the pasted region is image 0 moved by the flow."""
+    g = pairs[0].meta["flow_stride"]
+    errs, shuffled = [], []
+    rng = np.random.default_rng(0)
+    for p in pairs:
+        flow = p.flow10.astype(np.float32)
+        ii, jj = np.nonzero(np.isfinite(flow[..., 0]))
+        # stay a pixel away from the pasted region's rim, where bilinear sampling mixes in background
+        inner = cv2.erode(p.mask1, np.ones((5, 5), np.uint8))[ii * g + g // 2, jj * g + g // 2] > 0
+        ii, jj = ii[inner], jj[inner]
+        cx, cy = (jj + 0.5) * g, (ii + 0.5) * g
+        here = _bilinear(p.img1, cx, cy)
+        there = _bilinear(p.img0, flow[ii, jj, 0] * SIZE, flow[ii, jj, 1] * SIZE)
+        errs.append(np.abs(here - there).mean(1))
+        perm = rng.permutation(len(ii))
+        shuffled.append(np.abs(here - there[perm]).mean(1))
+    err, base = np.concatenate(errs), np.concatenate(shuffled)
+    assert len(err) > 100
+    assert err.mean() < 2.5 and np.median(err) < 1.0, err.mean()
+    assert base.mean() > 10 * err.mean()
+
+
+def test_flows_are_inverse_of_each_other(pairs):
+    for p in pairs:
+        g = p.meta["flow_stride"]
+        f01, f10 = p.flow01.astype(np.float32), p.flow10.astype(np.float32)
+        ii, jj = np.nonzero(np.isfinite(f01[..., 0]))
+        # go to image 1 and come back through flow10 (bilinear over the cell lattice)
+        x1, y1 = f01[ii, jj, 0] * SIZE / g - 0.5, f01[ii, jj, 1] * SIZE / g - 0.5
+        back = cv2.remap(np.nan_to_num(f10, nan=-10), x1[:, None], y1[:, None], cv2.INTER_LINEAR)[:, 0]
+        ok = (back >= 0).all(1)
+        start = np.stack([(jj + 0.5) * g / SIZE, (ii + 0.5) * g / SIZE], 1)
+        dist = np.abs(back[ok] - start[ok]).max(1) * SIZE
+        assert ok.mean() > 0.7 and np.median(dist) < 0.5
+
+
+def test_same_seed_same_pair_whatever_came_before(index, fixture):
+    a = _renderer(index, fixture, blend="pyamg")
+    b = _renderer(index, fixture, blend="pyamg")
+    _render_some(b, 3, root=7)  # b has other images cached and has rendered other pairs
+    for i in range(3):
+        try:
+            pa = a.render_pair(np.random.default_rng([1, i]), sample_key(1, i))
+        except SkipPair as e:
+            with pytest.raises(SkipPair, match=e.reason):
+                b.render_pair(np.random.default_rng([1, i]), sample_key(1, i))
+            continue
+        pb = b.render_pair(np.random.default_rng([1, i]), sample_key(1, i))
+        for f in ("img0", "img1", "mask0", "mask1"):
+            assert np.array_equal(getattr(pa, f), getattr(pb, f))
+        for f in ("flow01", "flow10"):
+            assert np.array_equal(getattr(pa, f), getattr(pb, f), equal_nan=True)
+        assert pa.meta == pb.meta
+    other = a.render_pair(np.random.default_rng([2, 0]), sample_key(2, 0))
+    assert not np.array_equal(other.img1, pa.img1)
+
+
+def test_provenance(pairs):
+    for p in pairs:
+        m = p.meta
+        assert m["size"] == [SIZE, SIZE] and m["blend"]["method"] == "none" and m["style"] is None
+        assert m["seed"] is not None and m["key"] == p.key
+        assert m["source"]["file_name"].startswith("img_") and m["background"]["file_name"].startswith("bg_")
+        assert len(m["segments"]) == (2 if m["kind"] == "two-object" else 1)
+        for s in m["segments"]:
+            for k in ("id", "category", "scale_x", "scale_y", "rotation_deg", "fit_ratio", "translation",
+                      "dilation_px", "affine", "tps"):
+                assert k in s
+        if m["kind"] == "two-object":
+            assert m["segments"][0]["category"] != m["segments"][1]["category"]
+
+
+def test_source_category_is_absent_from_the_background(index, fixture):
+    # Backgrounds from the index itself: each holds 2 or 3 of the 3 categories.
+    r = PairRenderer(index, None, size=SIZE, blend="none", min_cells=MIN_CELLS, p_two_object=0.0)
+    pairs, skips = _render_some(r, 24, root=3)
+    assert pairs and set(skips) <= {"no_absent_category", "small_mask"}
+    for p in pairs:
+        bg_cats = index.categories_in_image(p.meta["background"]["id"])
+        assert p.meta["segments"][0]["category"] not in bg_cats
+        assert p.meta["source"]["id"] != p.meta["background"]["id"]
+
+
+def test_category_free_sources_draw_from_other_images(tmp_path, fixture):
+    data = json.loads(fixture.json_path.read_text())
+    for a in data["annotations"]:
+        a["category_id"] = 1
+    data["categories"] = [{"id": 1, "name": "segment"}]
+    path = tmp_path / "one_category.json"
+    path.write_text(json.dumps(data))
+    index = SegmentIndex.from_coco(path, fixture.images_dir)
+    r = PairRenderer(index, None, size=SIZE, blend="none", min_cells=MIN_CELLS)
+    pairs, _ = _render_some(r, 12, root=4)
+    assert pairs
+    for p in pairs:
+        assert p.meta["source"]["id"] != p.meta["background"]["id"]
+
+
+def test_small_masks_and_bad_images_are_skips(tmp_path, index, fixture):
+    r = _renderer(index, fixture, min_cells=60)
+    _, skips = _render_some(r, 4)
+    assert skips == ["small_mask"] * 4
+    # A source image that turned unreadable after indexing: a counted skip naming the file.
+    bad = write_coco_fixture(tmp_path / "bad", bad_entries=False, n_images=2, width=160, height=128)
+    for f in bad.image_files:
+        f.write_bytes(f.read_bytes()[:200])
+    r = PairRenderer(SegmentIndex.from_coco(bad.json_path, bad.images_dir), bad.background_files,
+                     size=SIZE, blend="none")
+    with pytest.raises(SkipPair, match=r"bad_image.*img_00\d.jpg"):
+        r.render_pair(np.random.default_rng(0), sample_key(0, 0))
+
+
+def test_build_renderer_from_config(fixture):
+    r = build_renderer({"coco_annotations": str(fixture.json_path), "images": str(fixture.images_dir),
+                        "backgrounds": str(fixture.background_files[0].parent), "size": SIZE, "blend": "cv2",
+                        "min_cells": MIN_CELLS, "min_area": 10})
+    assert r.size == SIZE and r.blend == "cv2" and len(r.backgrounds) == len(fixture.background_files)
+    pairs, _ = _render_some(r, 4)
+    for p in pairs:
+        check_consistency(p)
+    with pytest.raises(ValueError, match="unknown renderer config key"):
+        build_renderer({"coco_annotations": str(fixture.json_path), "sise": 128})
+    with pytest.raises(ValueError, match="unknown blend"):
+        build_renderer({"coco_annotations": str(fixture.json_path), "images": str(fixture.images_dir),
+                        "blend": "magic"})
