@@ -103,9 +103,14 @@ class PairRenderer:
         self.segments = segments
         if backgrounds is None:
             backgrounds = [segments.images[i] for i in sorted(segments.images)]
-        self.backgrounds = [b if isinstance(b, ImageRecord) else
-                            ImageRecord(id=-1, file_name=Path(b).name, path=Path(b), width=0, height=0)
-                            for b in backgrounds]
+        # A background file that is also an image of the index is that image (same id), so its
+        # categories are known and it is never pasted onto itself.
+        by_path = {rec.path.resolve(): rec for rec in segments.images.values()}
+        self.backgrounds = []
+        for b in backgrounds:
+            rec = b if isinstance(b, ImageRecord) else ImageRecord(id=-1, file_name=Path(b).name, path=Path(b),
+                                                                   width=0, height=0)
+            self.backgrounds.append(by_path.get(Path(rec.path).resolve(), rec))
         if not self.backgrounds:
             raise ValueError("no background images")
         self.size = int(size)

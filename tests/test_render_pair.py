@@ -158,7 +158,9 @@ def test_category_free_sources_draw_from_other_images(tmp_path, fixture):
     path = tmp_path / "one_category.json"
     path.write_text(json.dumps(data))
     index = SegmentIndex.from_coco(path, fixture.images_dir)
-    r = PairRenderer(index, None, size=SIZE, blend="none", min_cells=MIN_CELLS)
+    # Backgrounds given as plain paths are recognised as the index's images: never pasted on themselves.
+    r = PairRenderer(index, [str(f) for f in fixture.image_files], size=SIZE, blend="none", min_cells=MIN_CELLS)
+    assert all(b.id >= 0 for b in r.backgrounds)
     pairs, _ = _render_some(r, 12, root=4)
     assert pairs
     for p in pairs:

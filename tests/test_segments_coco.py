@@ -94,3 +94,23 @@ def test_rle_string_total_agrees_with_pycocotools():
         rle = mask_utils.encode(np.asfortranarray(m))
         assert _rle_string_total(rle["counts"]) == 37 * 23
     assert _rle_string_total(b"not an rle!!") == -1
+
+
+def test_embedded_backgrounds_are_written_once(tmp_path):
+    from segswap.pipeline.images import load_rgb
+    from segswap.segments.embedded import TEXTURES, embedded_backgrounds
+
+    paths = embedded_backgrounds(tmp_path)
+    assert [p.stem for p in paths] == list(TEXTURES)
+    stamp = [p.stat().st_mtime_ns for p in paths]
+    assert embedded_backgrounds(tmp_path) == paths and [p.stat().st_mtime_ns for p in paths] == stamp
+    assert all(load_rgb(p).shape[2] == 3 for p in paths)
+
+
+@pytest.mark.slow
+def test_embedded_corpus_has_segments(tmp_path):
+    from segswap.segments.embedded import PHOTOS, embedded_coco
+
+    index = SegmentIndex.from_coco(embedded_coco(tmp_path))
+    assert len(index.images) == len(PHOTOS) and not index.skipped
+    assert len(index) >= 2 * len(index.images_with_segments) and index.segment_categories == [1]
