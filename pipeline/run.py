@@ -253,8 +253,11 @@ def generate(cfg: dict) -> dict:
         def on_result(sid, stats, error):
             url = SHARD_PATTERN % sid
             if error is not None:
-                log.error("%s failed: %s", url, error)
-                failed[url] = {"error": f"{type(error).__name__}: {error}",
+                # A ShardFailed raised in a Ray worker prints the remote traceback: keep the message.
+                message = (f"no usable pair in {error.attempts} attempts (skips: {error.skips})"
+                           if isinstance(error, ShardFailed) else str(error))
+                log.error("%s failed: %s", url, message)
+                failed[url] = {"error": f"{type(error).__name__}: {message}",
                                "attempts": getattr(error, "attempts", 0), "skips": getattr(error, "skips", {})}
                 progress.update(1, 0)
                 return
