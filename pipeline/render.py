@@ -57,6 +57,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # dropped (one would hide the other in image 0); smaller overlaps (touching instances, resizing)
 # go to the first segment.
 MAX_SEGMENT_OVERLAP = 0.05
+# Decoded images kept per renderer (LRU, at most image_cache of them and this many bytes): sources
+# and backgrounds repeat, and decoding a photo costs more than rendering from it at 480 px.
+IMAGE_CACHE_BYTES = 256 * 2 ** 20
 # Attempts at finding a two-object source with two categories absent from the background.
 TWO_OBJECT_TRIES = 10
 
@@ -152,7 +155,8 @@ class PairRenderer:
             raise SkipPair("image_size_mismatch", f"{record.path}: file is {img.shape[1]}x{img.shape[0]}, "
                                                   f"annotations say {record.width}x{record.height}")
         self._cache[key] = img
-        if len(self._cache) > self._cache_size:
+        while len(self._cache) > self._cache_size or (
+                len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > IMAGE_CACHE_BYTES):
             self._cache.popitem(last=False)
         return img
 
