@@ -166,16 +166,23 @@ class ColourHistogramFeatures:
 
 
 class ConcatFeatures:
-    """Concatenation of L2-normalised extractors with equal weight, renormalised."""
+    """Concatenation of L2-normalised extractors, block k scaled by sqrt(weights[k]), renormalised.
+
+    The cosine similarity of the result is the weighted mean of the blocks' cosine similarities.
+    """
 
     stride = STRIDE
 
-    def __init__(self, parts: list[DenseFeatureExtractor], spec: str):
+    def __init__(self, parts: list[DenseFeatureExtractor], spec: str, weights: list[float] | None = None):
+        weights = [1.0] * len(parts) if weights is None else list(weights)
+        if len(weights) != len(parts) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"need one non-negative weight per part, got {weights}")
         self.parts = parts
         self.spec = spec
+        self.scales = [float(np.sqrt(w / sum(weights))) for w in weights]
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        return _l2n(np.concatenate([p(rgb) for p in self.parts], axis=-1))
+        return _l2n(np.concatenate([p(rgb) * s for p, s in zip(self.parts, self.scales)], axis=-1))
 
 
 class MocoConv4Features:

@@ -54,7 +54,7 @@ def _tile(rgb: np.ndarray, anns: list[dict], title: str, tile_height: int, alpha
     return np.concatenate([bar, out], axis=0)
 
 
-def draw_segments(json_path, images_dir=None, out_png="segments.png", *, n: int = 12, columns: int = 4,
+def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 12, *, columns: int = 4,
                   tile_height: int = 200, alpha: float = 0.45) -> Path:
     """Draw up to ``n`` images of a COCO segment file with their masks into ``out_png``; returns its path.
 

@@ -83,6 +83,7 @@ class ExtractionParams:
     max_boxes: int = _param(20, "GrabCut runs per image (best boxes after NMS)")
     seed_quantile: float = _param(0.6, "pixels at or above this saliency quantile start as probable foreground")
     grabcut_iters: int = _param(5, "GrabCut iterations")
+    grabcut_side: int = _param(160, "GrabCut runs on each box's crop shrunk to this longer side (px)")
     grabcut_margin: float = _param(0.2, "GrabCut crop margin around the box, fraction of its size")
     min_seed_frac: float = _param(0.05, "fraction of a box that must be salient for GrabCut to run")
     min_area_frac: float = _param(0.01, "smallest segment, fraction of the image area")
@@ -122,7 +123,7 @@ class ExtractionParams:
                          max_aspect=self.max_aspect)
 
     def grabcut(self) -> GrabCutParams:
-        return GrabCutParams(iterations=self.grabcut_iters, margin=self.grabcut_margin,
+        return GrabCutParams(iterations=self.grabcut_iters, margin=self.grabcut_margin, max_side=self.grabcut_side,
                              min_seed_frac=self.min_seed_frac, min_area_frac=self.min_area_frac,
                              max_area_frac=self.max_area_frac, min_fill=self.min_fill, max_fill=self.max_fill,
                              nms_iou=self.mask_nms_iou)
@@ -339,7 +340,7 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_extraction(image_paths, out_json, *, workers: int = 0, ray_address: str | None = None, seed: int = 0,
+def run_extraction(image_paths, out_json, *, workers: int | None = 0, ray_address: str | None = None, seed: int = 0,
                    features: str = "default", chunk_size: int = 8, images_dir=None, **opts) -> Path:
     """Extract unsupervised segments of ``image_paths`` into the COCO file ``out_json``; returns its path.
 
@@ -350,6 +351,8 @@ def run_extraction(image_paths, out_json, *, workers: int = 0, ray_address: str 
     ``opts`` are :class:`ExtractionParams` fields (``None`` = default).
     """
     params = ExtractionParams.from_options(**opts)
+    if workers is None:  # "as many as there are CPUs", the convention of segswap-gen's --workers
+        workers = os.cpu_count() or 1
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 0:
