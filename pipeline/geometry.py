@@ -100,10 +100,11 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- transforms
 
-def _fit_ratios(r_min: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def draw_fit_ratio(rng: np.random.Generator, r_min: float, steps: int = 10) -> float:
+    """r in linspace(r_min, 1, steps) with p ∝ exp(-i / 10): small pastes are the more frequent."""
     ratios = np.linspace(r_min, 1.0, steps)
     prob = np.exp(-np.arange(steps) / 10.0)
-    return ratios, prob / prob.sum()
+    return float(ratios[int(rng.choice(steps, p=prob / prob.sum()))])
 
 
 def _mask_hull_corners(mask: np.ndarray) -> np.ndarray:
@@ -132,15 +133,14 @@ def draw_affine(rng: np.random.Generator, context_mask: np.ndarray, cell, cfg: G
     x1, y1 = corners.max(0)
     box_w, box_h = x1 - x0, y1 - y0
     cx0, cy0, cx1, cy1 = cell
-    ratios, prob = _fit_ratios(cfg.fit_ratio_min_two if two_object else cfg.fit_ratio_min_one, cfg.fit_ratio_steps)
-    i = int(rng.choice(len(ratios), p=prob))
-    fit = min((cx1 - cx0) / box_w, (cy1 - cy0) / box_h) * float(ratios[i])
+    ratio = draw_fit_ratio(rng, cfg.fit_ratio_min_two if two_object else cfg.fit_ratio_min_one, cfg.fit_ratio_steps)
+    fit = min((cx1 - cx0) / box_w, (cy1 - cy0) / box_h) * ratio
     pw, ph = box_w * fit, box_h * fit
     tx = float(rng.uniform(cx0, max(cx1 - pw, cx0)))
     ty = float(rng.uniform(cy0, max(cy1 - ph, cy0)))
     affine = (np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1.0]]) @ np.diag([fit, fit, 1.0])
               @ np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1.0]]) @ m)
-    params = {"scale_x": sx, "scale_y": sy, "rotation_deg": angle_deg, "fit_ratio": float(ratios[i]),
+    params = {"scale_x": sx, "scale_y": sy, "rotation_deg": angle_deg, "fit_ratio": ratio,
               "fit_scale": float(fit), "translation": [tx, ty], "cell": [float(v) for v in cell]}
     return affine, params, (tx, ty, tx + pw, ty + ph)
 
