@@ -99,24 +99,42 @@ def _strides(spatial_shape, device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class NeighbourMap:
-    """(input, output) point-index pairs of a submanifold 4D convolution, grouped by kernel offset.
+    """(input, output) point-index pairs of a submanifold 4D convolution.
 
-    ``in_index[starts[k]:starts[k+1]]`` are the points that feed ``out_index[...]`` through kernel row k.
+    Two orderings of the same M pairs are kept, both built without a sort:
+
+    * grouped by kernel row: ``in_index[starts[k]:starts[k+1]]`` feed ``out_index[...]`` through row k;
+    * grouped by output point (CSR rows, kernel row ascending inside a row): ``row_ptr`` [N+1],
+      ``in_by_out`` [M], ``k_by_out`` [M]. This is the sparsity pattern of the "im2col" matrix
+      G[p, k] = x[p + d_k] used by the gather strategy.
     """
 
     num_points: int
     kernel_size: int
-    in_index: torch.Tensor   # [M] int64
+    in_index: torch.Tensor   # [M] int64, grouped by kernel row
     out_index: torch.Tensor  # [M] int64
     starts: tuple[int, ...]  # K**4 + 1 python ints (so slicing never synchronises a GPU)
+    row_ptr: torch.Tensor    # [N+1] int64
+    in_by_out: torch.Tensor  # [M] int64
+    k_by_out: torch.Tensor   # [M] int64
 
     @property
     def num_pairs(self) -> int:
         return self.starts[-1]
 
+    @property
+    def kernel_volume(self) -> int:
+        return self.kernel_size ** SPATIAL_DIMS
+
     def pairs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         s, e = self.starts[k], self.starts[k + 1]
         return self.in_index[s:e], self.out_index[s:e]
+
+    def kernel_rows(self) -> torch.Tensor:
+        """[M] kernel row of each pair in the grouped-by-kernel-row order."""
+        counts = torch.tensor([self.starts[k + 1] - self.starts[k] for k in range(self.kernel_volume)],
+                              device=self.in_index.device)
+        return torch.repeat_interleave(torch.arange(self.kernel_volume, device=self.in_index.device), counts)
 
     @classmethod
     def build(cls, coords: torch.Tensor, spatial_shape: tuple[int, int, int, int],
@@ -164,29 +182,83 @@ class NeighbourMap:
         starts = (0, *torch.tensor(counts).cumsum(0).tolist())
         in_index = torch.cat([f[0] for f in found])
         out_index = torch.cat([f[1] for f in found])
+
+        # CSR by output point without sorting: an output point appears at most once per kernel row, so
+        # walking the rows in order and bumping a per-point fill counter gives each pair its slot.
+        row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)
+        row_ptr[1:] = torch.bincount(out_index, minlength=n).cumsum(0)
+        fill = row_ptr[:-1].clone()
+        slot = torch.empty_like(out_index)
+        for k in range(k4):
+            s, e = starts[k], starts[k + 1]
+            dst = out_index[s:e]
+            slot[s:e] = fill[dst]
+            fill[dst] += 1
+        in_by_out = torch.empty_like(in_index)
+        in_by_out[slot] = in_index
+        k_by_out = torch.empty_like(in_index)
+        k_by_out[slot] = torch.repeat_interleave(torch.arange(k4, device=device), torch.tensor(counts, device=device))
         return cls(num_points=n, kernel_size=kernel_size, in_index=in_index, out_index=out_index,
-                   starts=tuple(int(s) for s in starts))
+                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr, in_by_out=in_by_out, k_by_out=k_by_out)
 
 
-def _gather_gemm_scatter(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap,
-                         transpose: bool = False) -> torch.Tensor:
-    """sum over offsets of scatter(x[in] @ W[k]) into out (or, transposed, x[out] @ W[k].T into in)."""
-    k4 = weight.shape[0]
-    c_out = weight.shape[1] if transpose else weight.shape[2]
-    out = x.new_zeros(nmap.num_points, c_out)
-    centre = k4 // 2
+def _use_gather(nmap: NeighbourMap, c_in: int, c_out: int) -> bool:
+    """Gather strategy materialises M*C_in values, transform strategy N*K^4*C_out: take the smaller."""
+    return nmap.num_pairs * c_in <= nmap.num_points * nmap.kernel_volume * c_out
+
+
+def _conv_gather(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
+    """out = G(x) @ W_flat with G the sparse [N, K^4*C_in] im2col matrix (CSR, one sparse x dense product)."""
+    k4, c_in, c_out = weight.shape
+    n = nmap.num_points
+    values = x.index_select(0, nmap.in_by_out).reshape(-1)
+    if c_in == 1:
+        cols, row_ptr = nmap.k_by_out, nmap.row_ptr
+    else:
+        cols = (nmap.k_by_out[:, None] * c_in + torch.arange(c_in, device=x.device)).reshape(-1)
+        row_ptr = nmap.row_ptr * c_in
+    g = torch.sparse_csr_tensor(row_ptr, cols, values, (n, k4 * c_in), check_invariants=False)
+    return g @ weight.reshape(k4 * c_in, c_out)
+
+
+def _conv_transform(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
+    """out[p] = sum_k Y[p + d_k, k] with Y = x @ [W_0 .. W_K4-1]: one dense GEMM, one gather, one scatter-add."""
+    k4, c_in, c_out = weight.shape
+    y = (x @ weight.permute(1, 0, 2).reshape(c_in, k4 * c_out)).reshape(-1, c_out)
+    rows = nmap.in_index * k4 + nmap.kernel_rows()
+    return x.new_zeros(nmap.num_points, c_out).index_add_(0, nmap.out_index, y.index_select(0, rows))
+
+
+def _conv_values(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
+    if nmap.num_points == 0:
+        return x.new_zeros(0, weight.shape[2])
+    if _use_gather(nmap, weight.shape[1], weight.shape[2]):
+        return _conv_gather(x, weight, nmap)
+    return _conv_transform(x, weight, nmap)
+
+
+def _transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Kernel of the adjoint convolution: pairs at offset d are the mirror of those at -d (row K^4-1-k)."""
+    return weight.flip(0).transpose(1, 2)
+
+
+def _kernel_grad(x: torch.Tensor, grad_out: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
+    """dL/dW[k] = sum over pairs of row k of x[in]^T grad_out[out]  -> [K^4, C_in, C_out]."""
+    k4 = nmap.kernel_volume
+    c_in, c_out = x.shape[1], grad_out.shape[1]
+    n = nmap.num_points
+    if n * k4 * c_out <= nmap.num_pairs * c_in:
+        # Scatter grad_out into the [N, K^4*C_out] layout of the transform strategy (each (in, k) is unique).
+        rows = nmap.in_index * k4 + nmap.kernel_rows()
+        g = grad_out.new_zeros(n * k4, c_out)
+        g[rows] = grad_out.index_select(0, nmap.out_index)
+        return (x.t() @ g.reshape(n, k4 * c_out)).reshape(c_in, k4, c_out).permute(1, 0, 2).contiguous()
+    grad_w = x.new_zeros(k4, c_in, c_out)
     for k in range(k4):
         src, dst = nmap.pairs(k)
-        if src.numel() == 0:
-            continue
-        w = weight[k].t() if transpose else weight[k]
-        if transpose:
-            src, dst = dst, src
-        if k == centre:  # identity map: no gather, no scatter
-            out.addmm_(x, w)
-        else:
-            out.index_add_(0, dst, x.index_select(0, src) @ w)
-    return out
+        if src.numel():
+            grad_w[k] = x.index_select(0, src).t() @ grad_out.index_select(0, dst)
+    return grad_w
 
 
 class _SparseConv4dFunction(torch.autograd.Function):
@@ -195,9 +267,9 @@ class _SparseConv4dFunction(torch.autograd.Function):
         ctx.nmap = nmap
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        out = _gather_gemm_scatter(x, weight, nmap)
+        out = _conv_values(x, weight, nmap)
         if bias is not None:
-            out += bias
+            out = out + bias
         return out
 
     @staticmethod
@@ -207,13 +279,9 @@ class _SparseConv4dFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _gather_gemm_scatter(grad_out, weight, nmap, transpose=True)
+            grad_x = _conv_values(grad_out, _transposed_kernel(weight), nmap)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight)
-            for k in range(weight.shape[0]):
-                src, dst = nmap.pairs(k)
-                if src.numel():
-                    grad_w[k] = x.index_select(0, src).t() @ grad_out.index_select(0, dst)
+            grad_w = _kernel_grad(x, grad_out, nmap)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -224,9 +292,8 @@ def sparse_conv4d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Submanifold 4D convolution: ``x`` [N, C_in], ``weight`` [K**4, C_in, C_out], ``bias`` [C_out] -> [N, C_out]."""
     if x.ndim != 2 or x.shape[0] != nmap.num_points:
         raise ValueError(f"features must be [N={nmap.num_points}, C], got {tuple(x.shape)}")
-    if weight.ndim != 3 or weight.shape[0] != nmap.kernel_size ** SPATIAL_DIMS or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be [{nmap.kernel_size ** SPATIAL_DIMS}, {x.shape[1]}, C_out], "
-                         f"got {tuple(weight.shape)}")
+    if weight.ndim != 3 or weight.shape[0] != nmap.kernel_volume or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [{nmap.kernel_volume}, {x.shape[1]}, C_out], got {tuple(weight.shape)}")
     return _SparseConv4dFunction.apply(x.contiguous(), weight, bias, nmap)
 
 
