@@ -65,6 +65,23 @@ def test_run_directory_has_everything_to_reproduce(main_run):
     assert out["mask0"].shape == (1, 4, 4)
 
 
+def test_same_seed_same_weights(main_run, shards, tmp_path):
+    out = tmp_path / "again"
+    assert cli.main(["--shards", shards[0], "--out", str(out), "--max-steps", "3", "--ckpt-every", "0", *TINY]) == 0
+    a, b = read_checkpoint(main_run / "last.pth")["model"], read_checkpoint(out / "last.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pixel_contrast_hook(shards, tmp_path):
+    out = tmp_path / "contrast"
+    assert cli.main(["--shards", shards[0], "--out", str(out), "--max-steps", "2", "--pixel-contrast", "0.1",
+                     "--contrast-warmup", "1", "--contrast-queue", "16", *TINY]) == 0
+    recs = _lines(out / "metrics.jsonl")
+    assert recs[0]["loss/contrast"] == 0.0 and recs[1]["loss/contrast"] > 0
+    ck = read_checkpoint(out / "last.pth")
+    assert "contrast" in ck and ck["contrast"]["loss"] is not None
+
+
 def test_unknown_config_key_is_an_error(tmp_path, shards, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("optim:\n  learning_rate: 0.1\n")

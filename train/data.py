@@ -348,6 +348,10 @@ def worker_init(_worker_id: int) -> None:
 
 
 def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool = True):
+    # DataLoader draws a base seed when iterated; give it its own generator so that creating a loader
+    # (e.g. for validation) never moves torch's global RNG, which dropout uses.
+    gen = torch.Generator().manual_seed(stream.seed)
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
+                                       generator=gen,
                                        worker_init_fn=worker_init if workers else None,
                                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

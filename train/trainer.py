@@ -180,7 +180,8 @@ class Trainer:
                 from segswap.train.pixel_contrast import PixelContrastLoss, ProjectionHead  # issue 8
                 self.proj = ProjectionHead(self.model.head.d_model if hasattr(self.model.head, "d_model")
                                            else _token_dim(self.model.head), proj_dim=c["proj_dim"])
-                self.contrast_loss = PixelContrastLoss(temperature=c["temperature"], queue_size=c["queue"])
+                self.contrast_loss = PixelContrastLoss(temperature=c["temperature"], queue_size=c["queue"],
+                                                       embed_dim=c["proj_dim"])
         self.model.to(self.device)
         self.step_module = TrainStep(self.model.head, self.proj).to(self.device)
         if isinstance(self.contrast_loss, nn.Module):
@@ -280,6 +281,9 @@ class Trainer:
         P, N = int(d["batch_pos"]), int(d["batch_neg"])
         neg0, neg1 = (x.to(self.device) for x in negative_indices(P, N))
         step_rng = np.random.default_rng(np.random.SeedSequence([int(t["seed"]), self.rank, start, 7]))
+        # Dropout draws from torch's global generator (it takes no other): seed it from the run seed,
+        # the rank and the start step, so a run (and a resumed run) is reproducible.
+        torch.manual_seed(int(np.random.SeedSequence([int(t["seed"]), self.rank, start, 11]).generate_state(1)[0]))
         gen = None
         if self.proj is not None:
             gen = torch.Generator(device=self.device)
