@@ -1,0 +1,131 @@
+"""Stylisation throughput and its share of pair generation.
+
+    python benchmarks/bench_style.py [--images 8] [--size 480] [--threads 1] [--pairs 4] [--skip-gen]
+
+Prints:
+1. images/s at SIZE x SIZE on CPU with THREADS threads (one generator worker) for
+   - magenta, built-in styles (multistyle26, full resolution),
+   - magenta, style images (style prediction + 384 px transformer; painting vectors cached),
+   - adain (random He-initialised weights in the public layout: timing only), paintings cached,
+   each with batch_size 1 (one stylise() call per image) and 8 (one call per 8 images), after one
+   warm-up call, and the batch-8 / batch-1 speed ratio;
+2. the share of pair-generation time spent in style: ``segswap-gen`` in-process on the embedded corpus
+   (--segments coco, pyamg blending), PAIRS pairs in one shard, with --style none vs each styliser,
+   share = (t_style - t_none) / t_style (model loading included, once per run).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import skimage.data
+import torch
+
+from segswap.nets.adain import build_decoder
+from segswap.nets.vgg import build_vgg_normalised
+from segswap.pipeline.style import build_styliser
+
+PAINTINGS = ("coffee", "chelsea", "rocket", "astronaut")
+
+
+def he_weights(module: torch.nn.Module, generator: torch.Generator) -> dict:
+    sd = module.state_dict()
+    for k, v in sd.items():
+        sd[k] = (torch.randn(v.shape, generator=generator) * (2.0 / v[0].numel()) ** 0.5 if k.endswith("weight")
+                 else torch.zeros(v.shape))
+    return sd
+
+
+def write_fixtures(root: Path) -> tuple[Path, Path]:
+    paintings, weights = root / "paintings", root / "adain"
+    paintings.mkdir()
+    weights.mkdir()
+    for name in PAINTINGS:
+        cv2.imwrite(str(paintings / f"{name}.jpg"), getattr(skimage.data, name)()[..., ::-1])
+    g = torch.Generator().manual_seed(0)
+    torch.save(he_weights(build_vgg_normalised(), g), weights / "vgg_normalised.pth")
+    torch.save(he_weights(build_decoder(), g), weights / "decoder.pth")
+    return paintings, weights
+
+
+def content_images(n: int, size: int) -> list[np.ndarray]:
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
+    return [cv2.resize(photos[i % len(photos)], (size, size), interpolation=cv2.INTER_AREA) for i in range(n)]
+
+
+def images_per_s(styliser, images: list[np.ndarray], batch: int) -> float:
+    rng = np.random.default_rng(0)
+    styliser.stylise(images[:batch], rng)  # warm-up: sessions, caches, allocator
+    t = time.perf_counter()
+    for start in range(0, len(images), batch):
+        styliser.stylise(images[start:start + batch], rng)
+    return len(images) / (time.perf_counter() - t)
+
+
+def bench_throughput(n: int, size: int, paintings: Path, weights: Path) -> None:
+    print(f"== stylisation throughput: {n} images at {size}x{size}, CPU, torch threads {torch.get_num_threads()}")
+    images = content_images(n, size)
+    setups = {
+        "magenta builtin": lambda b: build_styliser("magenta", batch_size=b),
+        "magenta paintings": lambda b: build_styliser("magenta", style_images=str(paintings), batch_size=b),
+        "adain paintings": lambda b: build_styliser("adain", style_images=str(paintings), adain_weights=str(weights),
+                                                    batch_size=b, device="cpu"),
+    }
+    for name, make in setups.items():
+        rates = {b: images_per_s(make(b), images, b) for b in (1, 8)}
+        print(f"{name:>18}: batch 1 {rates[1]:.3f} images/s ({1000 / rates[1]:.0f} ms/image), "
+              f"batch 8 {rates[8]:.3f} images/s; batch 8 / batch 1 = {rates[8] / rates[1]:.2f}")
+
+
+def bench_share(pairs: int, size: int, paintings: Path, weights: Path) -> None:
+    from segswap.pipeline.config import get_parser, resolve
+    from segswap.pipeline.run import generate
+
+    print(f"== share of generation time in style: {pairs} pairs at {size}x{size}, in-process, embedded corpus")
+    runs = {"none": [], "magenta builtin": ["--style", "magenta"],
+            "magenta paintings": ["--style", "magenta", "--style-images", str(paintings)],
+            "adain paintings": ["--style", "adain", "--style-images", str(paintings), "--adain-weights", str(weights)]}
+    times = {}
+    for name, flags in runs.items():
+        with tempfile.TemporaryDirectory() as out:
+            cfg = resolve(vars(get_parser().parse_args([
+                "--segments", "coco", "--out", out, "--num-shards", "1", "--pairs-per-shard", str(pairs),
+                "--size", str(size), "--workers", "0", "--seed", "0", *flags])))
+            summary = generate(cfg)
+        times[name] = summary["generation_time_s"]
+        line = f"{name:>18}: {summary['pairs_written']} pairs in {times[name]:.1f} s ({times[name] / pairs:.2f} s/pair)"
+        if name != "none":
+            share = (times[name] - times["none"]) / times[name]
+            line += f"; style = {100 * share:.0f}% of generation time"
+        print(line)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=8, help="images per throughput measurement (default 8)")
+    p.add_argument("--size", type=int, default=480)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (onnxruntime uses 1 per worker)")
+    p.add_argument("--pairs", type=int, default=4, help="pairs per generation run (default 4)")
+    p.add_argument("--skip-gen", action="store_true", help="only the throughput part")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"cpus: {os.cpu_count()}, load average {load:.1f}, python {sys.version.split()[0]}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        paintings, weights = write_fixtures(Path(tmp))
+        bench_throughput(args.images, args.size, paintings, weights)
+        if not args.skip_gen:
+            bench_share(args.pairs, args.size, paintings, weights)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
