@@ -1,0 +1,134 @@
+"""``segswap-predict IMG0 IMG1 --ckpt C --out pred.png``: predicted masks and correspondences of one pair.
+
+Writes
+- ``pred.png``: the two images side by side (each resized to the model's input size), the predicted
+  repeated region tinted red with the mask as opacity, and lines from a sample of confident cells of
+  image 0 to their predicted matches in image 1;
+- ``pred.npz`` (beside it, or ``--npz PATH``): ``mask0, mask1`` [h,w] and ``flow01, flow10`` [h,w,2]
+  (normalised (x, y) in the other image) as float32, plus ``size`` — plain arrays, loadable with
+  ``np.load(path, allow_pickle=False)``.
+
+The checkpoint is one of ours (``last.pth``) or an official SegSwap one (``hard_mining_neg5.pth``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+log = logging.getLogger("segswap.predict")
+DEFAULT_SIZE = 480
+
+
+def read_rgb(path: str) -> np.ndarray:
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{path}: cannot read as an image")
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def model_size(model, requested: int | None) -> int:
+    if requested:
+        size = requested
+    else:
+        cfg = getattr(model, "config", None) or {}
+        size = int(cfg.get("data", {}).get("image_size", DEFAULT_SIZE))
+    if size % 16:
+        raise ValueError(f"--size {size} must be a multiple of 16")
+    return size
+
+
+@torch.no_grad()
+def predict_pair(model, img0: np.ndarray, img1: np.ndarray, size: int, device="cpu") -> dict:
+    """uint8 RGB images of any size -> numpy mask0/mask1 [h,w], flow01/flow10 [h,w,2] at size/16."""
+    ims = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in (img0, img1)]
+    t = [torch.as_tensor(im)[None].to(device) for im in ims]
+    out = model(t[0], t[1])
+    res = {k: out[k][0].float().cpu().numpy() for k in ("mask0", "mask1", "flow01", "flow10")}
+    res["images"] = ims
+    return res
+
+
+def render(pred: dict, n_corr: int = 30, threshold: float = 0.5, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Side-by-side RGB visualisation (see the module docstring)."""
+    rng = rng or np.random.default_rng(0)
+    im0, im1 = pred["images"]
+    s = im0.shape[0]
+    panels = []
+    for im, m in ((im0, pred["mask0"]), (im1, pred["mask1"])):
+        alpha = cv2.resize(m.astype(np.float32), (s, s), interpolation=cv2.INTER_LINEAR)[..., None]
+        red = np.array([255, 0, 0], np.float32)
+        panels.append((im.astype(np.float32) * (1 - 0.6 * alpha) + red * 0.6 * alpha).astype(np.uint8))
+    canvas = np.ascontiguousarray(np.concatenate(panels, axis=1))
+    h, w = pred["mask0"].shape
+    cells = np.argwhere(pred["mask0"] > threshold)
+    if len(cells) > n_corr:
+        cells = cells[rng.choice(len(cells), n_corr, replace=False)]
+    for k, (i, j) in enumerate(cells):
+        p0 = (int((j + 0.5) / w * s), int((i + 0.5) / h * s))
+        x, y = pred["flow01"][i, j]
+        p1 = (int(x * s) + s, int(y * s))
+        hue = int(180 * k / max(len(cells), 1))
+        colour = cv2.cvtColor(np.uint8([[[hue, 255, 255]]]), cv2.COLOR_HSV2RGB)[0, 0].tolist()
+        cv2.line(canvas, p0, p1, colour, 1, cv2.LINE_AA)
+        cv2.circle(canvas, p0, 3, colour, -1, cv2.LINE_AA)
+        cv2.circle(canvas, p1, 3, colour, -1, cv2.LINE_AA)
+    return canvas
+
+
+def write_outputs(pred: dict, canvas: np.ndarray, png: str, npz: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    tmp_png = png + ".tmp.png"
+    if not cv2.imwrite(tmp_png, canvas[:, :, ::-1]):
+        raise OSError(f"{png}: cannot write the PNG")
+    os.replace(tmp_png, png)
+    tmp_npz = npz + ".tmp"
+    with open(tmp_npz, "wb") as f:
+        np.savez(f, mask0=pred["mask0"], mask1=pred["mask1"], flow01=pred["flow01"], flow10=pred["flow10"],
+                 size=np.array(pred["images"][0].shape[:2]))
+    os.replace(tmp_npz, npz)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("segswap-predict", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("img0")
+    p.add_argument("img1")
+    p.add_argument("--ckpt", required=True, help="our checkpoint (last.pth) or the official hard_mining_neg5.pth")
+    p.add_argument("--out", default="pred.png", help="visualisation PNG (default pred.png)")
+    p.add_argument("--npz", help="raw arrays (default: --out with .npz)")
+    p.add_argument("--size", type=int, help="input size, multiple of 16 (default: the checkpoint's, else 480)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--n-corr", type=int, default=30, help="correspondences drawn (default 30)")
+    p.add_argument("--threshold", type=float, default=0.5, help="mask threshold for drawn correspondences")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from segswap.train.checkpoint import CheckpointError, load_model
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        img0, img1 = read_rgb(args.img0), read_rgb(args.img1)
+        model = load_model(args.ckpt, device=device)
+        size = model_size(model, args.size)
+    except (ValueError, CheckpointError) as e:
+        print(f"segswap-predict: {e}", file=sys.stderr)
+        return 2
+    pred = predict_pair(model, img0, img1, size, device)
+    npz = args.npz or os.path.splitext(args.out)[0] + ".npz"
+    write_outputs(pred, render(pred, args.n_corr, args.threshold), args.out, npz)
+    log.info("mask cover: image 0 %.1f%%, image 1 %.1f%%; wrote %s and %s",
+             100 * (pred["mask0"] > 0.5).mean(), 100 * (pred["mask1"] > 0.5).mean(), args.out, npz)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
