@@ -48,8 +48,14 @@ def resolve_segments(cfg: dict) -> tuple[str, str]:
     images = cfg["images"]
     if cfg["segments"] == "coco":
         if not cfg["coco_annotations"]:
-            raise ConfigError("--segments coco needs --coco-annotations FILE (a COCO instances json); "
-                              "without annotations use --segments unsupervised")
+            if images:
+                raise ConfigError("--segments coco with --images needs --coco-annotations FILE; without "
+                                  "annotations use --segments unsupervised")
+            # Demo segments (Felzenszwalb regions) of the embedded photos: a quick smoke test.
+            from segswap.segments.embedded import embedded_coco
+
+            images = os.path.join(cfg["out"], EMBEDDED_IMAGES)
+            return str(embedded_coco(images)), images
         if not os.path.isfile(cfg["coco_annotations"]):
             raise ConfigError(f"--coco-annotations {cfg['coco_annotations']}: file not found")
         return cfg["coco_annotations"], images or os.path.dirname(os.path.abspath(cfg["coco_annotations"]))
