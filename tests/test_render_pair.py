@@ -194,3 +194,46 @@ def test_build_renderer_from_config(fixture):
     with pytest.raises(ValueError, match="unknown blend"):
         build_renderer({"coco_annotations": str(fixture.json_path), "images": str(fixture.images_dir),
                         "blend": "magic"})
+
+
+def test_border_crop_pairs(index, fixture):
+    # Without TPS the whole transformed context fits inside image 1, so mask0 is the full context.
+    r = _renderer(index, fixture, p_border_crop=1.0, p_two_object=0.0, p_tps=0.0)
+    pairs, _ = _render_some(r, 8, root=6)
+    crops = [p for p in pairs if p.meta["source"]["border_crop"]]
+    assert crops
+    for p in crops:
+        check_consistency(p)
+        side = p.meta["source"]["border_crop"]["side"]
+        edge = {"left": p.mask0[:, 0], "right": p.mask0[:, -1], "top": p.mask0[0], "bottom": p.mask0[-1]}[side]
+        assert edge.any(), side
+
+
+def test_occlusion_later_paste_wins_and_masks_stay_consistent():
+    from segswap.pipeline.geometry import PasteWarp, dense_maps
+    from segswap.pipeline.groundtruth import Paste, ground_truth, ownership
+    from segswap.shards.format import Pair
+
+    size, g = 96, 4
+    yy, xx = np.mgrid[0:size, 0:size]
+    ctx_a = (np.abs(xx - 24) < 14) & (np.abs(yy - 48) < 14)
+    ctx_b = (np.abs(xx - 72) < 14) & (np.abs(yy - 48) < 14)
+    # A (x 10..38) moves right by 20 px, B (x 58..86) left by 20 px: in image 1 A covers x 30..58 and
+    # B x 38..66, so only A's strip x 10..18 stays visible.
+    shift = lambda dx: np.array([[1, 0, dx], [0, 1, 0], [0, 0, 1.0]])  # noqa: E731
+    pastes = [Paste(ctx_a, dense_maps(PasteWarp(shift(20)), size, g)),
+              Paste(ctx_b, dense_maps(PasteWarp(shift(-20)), size, g))]
+    owner = ownership(pastes, (size, size))
+    assert (owner[48, 50] == 1) and (owner[48, 34] == 0)  # B, pasted last, covers A where both land
+    mask0, mask1, f01, f10, counts = ground_truth(pastes, owner, flow_stride=g, min_cells=1)
+    # A's pixels whose copy is hidden under B are not in mask0; B's all are.
+    assert mask0[48, 12] > 0 and mask0[48, 20] == 0 and mask0[48, 36] == 0 and mask0[48, 60] > 0
+    assert counts[0]["pixels0"] < ctx_a.sum() and counts[1]["pixels0"] == ctx_b.sum()
+    pair = Pair(key="000000-000000", img0=np.zeros((size, size, 3), np.uint8), img1=np.zeros((size, size, 3), np.uint8),
+                mask0=mask0, mask1=mask1, flow01=f01.astype(np.float16), flow10=f10.astype(np.float16),
+                meta={"flow_stride": g})
+    check_pair(pair)
+    check_consistency(pair, tol=0.0)
+    # the flow of a visible A cell is its shifted position
+    i, j = 48 // g, 14 // g
+    assert np.allclose(f01[i, j], [((j + 0.5) * g + 20) / size, (i + 0.5) * g / size], atol=1e-6)
