@@ -77,7 +77,10 @@ def border_crop_box(raw_bbox, orig_w: int, orig_h: int, size: int, radius: int):
         span = orig_w - bx if side == "left" else bx + bw
     else:
         span = orig_h - by if side == "top" else by + bh
-    margin = radius * span / max(size - radius, 1)
+    # Aim 1.5 px inside the dilation's reach: rounding the cut to whole pixels and re-thresholding
+    # the resized mask may each lose up to a pixel.
+    reach = max(radius - 1.5, 0.0)
+    margin = reach * span / max(size - reach, 1)
     if gaps[side] <= margin + 1:
         return None
     if side == "left":
