@@ -57,7 +57,7 @@ DEFAULTS = {
     "no_ray": False,
     "ray_address": None,
     "overwrite": False,
-    "verify_existing": True,        # resume: fully verify finished shards before keeping them
+    "verify_existing": True,        # resume: md5 (or full verify) of finished shards before keeping them
 }
 RUN_KEYS = ("out", "num_shards", "shard_range", "task_index", "num_tasks", "workers", "no_ray",
             "ray_address", "overwrite", "verify_existing")
@@ -113,7 +113,8 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
     run.add_argument("--overwrite", action="store_true", help="delete the selected shards and start over (default: resume)")
     run.add_argument("--no-verify-existing", dest="verify_existing", action="store_false",
-                     help="on resume trust finished shards without decoding them")
+                     help="on resume keep finished shards after a size check only (default: md5 against "
+                          "the record, or a full verification when there is none)")
     # The extractor's own flags (--features, --box-quantile, ...), shared with segswap-segments; they
     # land in cfg["unsupervised"].
     from segswap.segments.cli import add_extraction_arguments

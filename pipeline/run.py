@@ -6,7 +6,8 @@
    them from ``--images`` (default: the embedded sample photos, written to ``OUT/embedded-images``)
    into ``OUT/segments.json`` once, and reuses that file on every rerun and by every part of a job;
 2. shards: the selected ids (all, ``--shard-range A:B``, or ``--task-index/--num-tasks``) minus those
-   already finished: a shard file under its final name that verifies (resume is the default;
+   already finished: a shard file under its final name whose md5 matches the one recorded when it
+   was written, or that passes a full verification when there is no record (resume is the default;
    ``--overwrite`` deletes the selected shards first);
 3. tasks: in this process (``--workers 0`` / ``--no-ray``) or one Ray task per shard with at most
    ``2 x workers`` in flight (``ray.wait``), on a local loopback-only instance or the cluster at
@@ -39,6 +40,8 @@ EMBEDDED_IMAGES = "embedded-images"
 # Tasks queued per worker: enough to keep workers busy while results come back, few enough that a
 # cluster-sized job does not submit thousands of tasks at once.
 IN_FLIGHT_PER_WORKER = 2
+# While running, this part's manifest is rewritten at most this often (finished shards and their md5).
+PART_SAVE_EVERY_S = 10.0
 
 
 # ------------------------------------------------------------------------------------ segments
@@ -139,7 +142,8 @@ def remove_selected(out: str, shard_ids: list[int], everything: bool) -> None:
 
 
 def finished_shards(cfg: dict, shard_ids: list[int]) -> dict[int, dict]:
-    """Shards of the selection already complete: present under their final name and verifying."""
+    """Shards of the selection already complete: present under their final name and either matching
+    the size and md5 recorded when they were written, or (no record) passing a full verification."""
     out = cfg["out"]
     known = shard_index.known_entries(out)
     stats = {}
@@ -152,14 +156,21 @@ def finished_shards(cfg: dict, shard_ids: list[int]) -> dict[int, dict]:
         if not os.path.isfile(path):
             continue
         expected = known.get(url)
-        if cfg["verify_existing"]:
-            report = verify_shard(path, expected, min_cells=cfg["min_cells"])
+        if expected is not None:
+            # md5 recorded right after the shard was written from checked pairs: equal bytes are a
+            # finished, valid shard, and hashing is much cheaper than decoding every sample.
+            if cfg["verify_existing"]:
+                ok = os.path.getsize(path) == expected["filesize"] and shard_index.file_md5(path) == expected["md5sum"]
+            else:
+                ok = os.path.getsize(path) == expected["filesize"]
+            if not ok:
+                log.warning("%s differs from what was written (size/md5): regenerating it", url)
+                continue
+        elif cfg["verify_existing"]:
+            report = verify_shard(path, None, min_cells=cfg["min_cells"])
             if not report.ok:
                 log.warning("%s fails verification (%s): regenerating it", url, report.first_problem())
                 continue
-        elif expected is not None and expected["filesize"] != os.path.getsize(path):
-            log.warning("%s: size differs from the index: regenerating it", url)
-            continue
         previous = dict(stats.get(url, {}))
         previous.setdefault("entry", expected or shard_index.shard_entry(path))
         previous["resumed"] = True
@@ -255,6 +266,25 @@ def generate(cfg: dict) -> dict:
         results: dict[str, dict] = {SHARD_PATTERN % s: st for s, st in done.items()}
         failed: dict[str, dict] = {}
         progress = Progress(len(todo), desc="shards", unit="pairs")
+        gen_start = time.perf_counter()
+        last_save = [gen_start]
+
+        def record(final: bool) -> dict:
+            """Write this part's manifest: at the end, and every PART_SAVE_EVERY_S while running, so
+            a killed run still leaves the md5 of each finished shard for a fast resume."""
+            summary = summarise(shard_ids, todo, done, results, failed, time.perf_counter() - gen_start)
+            part = {
+                "name": part_name(shard_ids), "config": json.loads(json.dumps(dataset_config(cfg))),
+                "run": {k: v for k, v in cfg.items() if k not in dataset_config(cfg)}, "root_seed": cfg["seed"],
+                "segments_json": os.path.abspath(segments_json), **env, "finished": final,
+                "shard_range": [min(shard_ids), max(shard_ids) + 1] if shard_ids else None,
+                "workers": cfg["workers"], "shards_written": [SHARD_PATTERN % s for s in todo if SHARD_PATTERN % s in results],
+                "shards_resumed": sorted(SHARD_PATTERN % s for s in done), "shards": dict(sorted(results.items())),
+                "summary": summary, "wall_time_s": round(time.perf_counter() - t0, 3), "finished_unix": time.time(),
+            }
+            if shard_ids:  # an empty range only prepares (segments): nothing to record
+                shard_index.write_part(out, part["name"], part)
+            return summary
 
         def on_result(sid, stats, error):
             url = SHARD_PATTERN % sid
@@ -266,29 +296,36 @@ def generate(cfg: dict) -> dict:
                 failed[url] = {"error": f"{type(error).__name__}: {message}",
                                "attempts": getattr(error, "attempts", 0), "skips": getattr(error, "skips", {})}
                 progress.update(1, 0)
-                return
-            results[url] = stats
-            progress.update(1, stats["pairs"])
+            else:
+                results[url] = stats
+                progress.update(1, stats["pairs"])
+            if time.perf_counter() - last_save[0] > PART_SAVE_EVERY_S:
+                record(final=False)
+                last_save[0] = time.perf_counter()
 
-        gen_start = time.perf_counter()
         if ray is None:
             _run_in_process(job, todo, on_result)
         else:
             _run_on_ray(ray, job, todo, cfg["workers"], on_result)
         progress.close()
-        gen_time = time.perf_counter() - gen_start
     finally:
         if started_ray:
             ray.shutdown()
+    summary = record(final=True)
+    index, manifest = shard_index.rebuild(out)
+    summary["dataset_shards"] = manifest["counts"]["shards"]
+    summary["dataset_pairs"] = manifest["counts"]["pairs"]
+    log_summary(summary)
+    return summary
 
+
+def summarise(shard_ids, todo, done, results, failed, gen_time: float) -> dict:
     written = [results[SHARD_PATTERN % s] for s in todo if SHARD_PATTERN % s in results]
     new_pairs = sum(r["pairs"] for r in written)
     skips = Counter()
-    for r in written:
+    for r in [*written, *failed.values()]:
         skips.update(r["skips"])
-    for f in failed.values():
-        skips.update(f["skips"])
-    summary = {
+    return {
         "shards_selected": len(shard_ids), "shards_written": len(written), "shards_resumed": len(done),
         "shards_failed": sorted(failed), "failures": failed, "pairs_written": new_pairs,
         "attempts": sum(r["attempts"] for r in written), "skips": dict(sorted(skips.items())),
@@ -296,22 +333,6 @@ def generate(cfg: dict) -> dict:
         "generation_time_s": round(gen_time, 3),
         "pairs_per_s": round(new_pairs / gen_time, 3) if gen_time > 0 and new_pairs else 0.0,
     }
-    part = {
-        "name": part_name(shard_ids), "config": json.loads(json.dumps(dataset_config(cfg))),
-        "run": {k: cfg[k] for k in cfg if k not in dataset_config(cfg)}, "root_seed": cfg["seed"],
-        "segments_json": os.path.abspath(segments_json), **env,
-        "shard_range": [min(shard_ids), max(shard_ids) + 1] if shard_ids else None,
-        "workers": cfg["workers"], "shards_written": [r["url"] for r in written],
-        "shards_resumed": sorted(SHARD_PATTERN % s for s in done), "shards": dict(sorted(results.items())),
-        "summary": summary, "wall_time_s": round(time.perf_counter() - t0, 3), "finished_unix": time.time(),
-    }
-    if shard_ids:  # an empty range only prepares (segments): nothing to record
-        shard_index.write_part(out, part["name"], part)
-    index, manifest = shard_index.rebuild(out)
-    summary["dataset_shards"] = manifest["counts"]["shards"]
-    summary["dataset_pairs"] = manifest["counts"]["pairs"]
-    log_summary(summary)
-    return summary
 
 
 def log_summary(summary: dict) -> None:
