@@ -120,7 +120,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=int, default=0, help="pairs to skip first (default 0)")
     p.add_argument("--lines", type=int, default=12, help="correspondence lines per pair (default 12)")
     p.add_argument("--tile", type=int, default=224, help="panel side in pixels (default 224)")
-    p.add_argument("--images", help="image folder of a .json input (default: next to the json)")
+    p.add_argument("--images", help="image folder of a .json input (default: the folder the json records, "
+                                    "else the json's own folder)")
     return p
 
 
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
     if args.input.endswith(".json"):
         from segswap.segments.show import draw_segments
 
-        images = args.images or os.path.dirname(os.path.abspath(args.input))
-        draw_segments(args.input, images, args.out, args.n)
+        # images_dir None: the segment file's own record of its folder, else the json's folder.
+        draw_segments(args.input, args.images, args.out, args.n)
         print(f"wrote {args.out}")
         return 0
     try:

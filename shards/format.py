@@ -37,7 +37,7 @@ from these fields: the soft mask of a cell is the mean of the full-resolution ma
 its correspondence is the bilinear interpolation of the flow at the cell centre. float16 keeps the
 normalised positions to within 1/2048 (a quarter pixel at 480 px).
 
-Consistency guarantees (checked by :func:`check_sample` and ``segswap-shards verify``):
+Consistency guarantees (checked by :func:`check_pair`, :func:`check_consistency` and ``segswap-shards verify``):
 
 - masks are cycle-consistent: a pixel of mask0 maps inside mask1 and a pixel of mask1 maps inside
   mask0; pixels with no match are not in the mask;
