@@ -105,6 +105,11 @@ class AdainStyliser:
         self.model = load_adain(weights_dir / VGG_FILE, weights_dir / DECODER_FILE).to(self.device).eval()
         self.model.to(memory_format=torch.channels_last)
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable style images met so far (logged once each, never drawn again)."""
+        return self.styles.skipped
+
     def _style_stats(self, painting: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_tensor([resize_shorter_side(painting, self.style_size)], self.device)
         mean, std = self.model.style_stats(x)

@@ -150,6 +150,11 @@ class MagentaStyliser:
         self.styles = StyleImageFolder(style_images) if style_images is not None else None
         self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads)
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable style images met so far (logged once each; 0 with the built-in styles)."""
+        return self.styles.skipped if self.styles is not None else 0
+
     def _draw(self, rng: np.random.Generator) -> tuple[int, object, float]:
         """One image's (style index, style vector or None, strength), drawn in that order."""
         if self.styles is None:

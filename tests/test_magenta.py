@@ -115,7 +115,7 @@ def test_unreadable_style_image_is_skipped_and_counted(photo, style_dir):
     sty = build_styliser("magenta", style_images=str(style_dir))
     _, infos = sty.stylise([photo] * 6, np.random.default_rng(0))
     assert "broken.jpg" not in {i["style_id"] for i in infos}
-    assert sty.styles.skipped == 1  # with 6 draws over 3 files it was drawn (fixed seed) and skipped once
+    assert sty.skipped == 1  # with 6 draws over 3 files it was drawn (fixed seed) and skipped once
 
 
 def test_builtin_styles(photo):
