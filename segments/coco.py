@@ -271,17 +271,22 @@ class _Loader:
     def _encode(self, segm, im: ImageRecord, what: str) -> dict | None:
         h, w = im.height, im.width
         if isinstance(segm, list):  # polygons [[x0, y0, x1, y1, ...], ...]
-            polys = []
+            polys, arrays = [], []
             for poly in segm:
-                if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                try:
+                    arr = np.asarray(poly, np.float64) if isinstance(poly, list) else None
+                except (TypeError, ValueError):
+                    arr = None
+                if arr is None or arr.ndim != 1 or not np.isfinite(arr).all():
                     self.skip("malformed_annotation", what + ": a polygon is not a list of numbers")
                     return None
-                if len(poly) >= 6 and len(poly) % 2 == 0:
+                if len(arr) >= 6 and len(arr) % 2 == 0:
                     polys.append(poly)
+                    arrays.append(arr.reshape(-1, 2))
             if not polys:
                 self.skip("empty_segmentation", what)
                 return None
-            pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polys])
+            pts = np.concatenate(arrays)
             tol = BOUNDS_TOLERANCE
             if (pts[:, 0].min() < -tol or pts[:, 1].min() < -tol or pts[:, 0].max() > w + tol
                     or pts[:, 1].max() > h + tol):
