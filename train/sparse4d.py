@@ -33,12 +33,18 @@ Everything is device-agnostic (CPU and CUDA); float32 and float64 features are s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 SPATIAL_DIMS = 4
+# torch labels CSR "beta"; the two operations used here (construction, CSR @ dense) are tested against
+# the dense reference, so the notice is only noise in users' logs.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+# Bound on the [offsets x points] elements searched at once while building a neighbour map.
+MAP_BUILD_ELEMENTS = 4 * 1024 * 1024
 
 
 def kernel_offsets(kernel_size: int, device=None) -> torch.Tensor:
@@ -165,23 +171,29 @@ class NeighbourMap:
         centre = k4 // 2  # offset 0; rows k and k4-1-k are mirror offsets (d and -d)
         strides = _strides(spatial_shape, device)[1:]
         point_index = torch.arange(n, device=device)
-        found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k4
-        found[centre] = (point_index, point_index)
-        for k in range(centre):
-            d = offsets[k]
-            target = coords[:, 1:] + d
-            inside = ((target >= 0) & (target < bounds)).all(1)
-            nkeys = keys + (d * strides).sum()
-            pos = torch.searchsorted(sorted_keys, nkeys).clamp_(max=max(n - 1, 0))
+        # Search the first half of the offsets, several at a time (bounded memory); the rest are mirrors.
+        half_in: list[torch.Tensor] = []
+        half_out: list[torch.Tensor] = []
+        group = max(1, MAP_BUILD_ELEMENTS // max(n, 1))
+        for g0 in range(0, centre, group):
+            d = offsets[g0:min(centre, g0 + group)]                     # [G, 4]
+            target = coords[None, :, 1:] + d[:, None, :]               # [G, N, 4]
+            inside = ((target >= 0) & (target < bounds)).all(-1)       # [G, N]
+            nkeys = keys[None, :] + (d * strides).sum(1)[:, None]      # [G, N]
+            pos = torch.searchsorted(sorted_keys, nkeys.reshape(-1)).clamp_(max=max(n - 1, 0)).view_as(nkeys)
             hit = inside & (sorted_keys[pos] == nkeys) if n else inside
-            out_pts = point_index[hit]
-            in_pts = order[pos[hit]]
-            found[k] = (in_pts, out_pts)
-            found[k4 - 1 - k] = (out_pts, in_pts)  # p = q + d  <=>  q = p + (-d)
-        counts = [int(f[0].numel()) for f in found]
+            counts = hit.sum(1).tolist()
+            gi, pi = hit.nonzero(as_tuple=True)                        # sorted by offset, then point
+            in_pts = order[pos[gi, pi]]
+            half_in += list(in_pts.split(counts))
+            half_out += list(pi.split(counts))
+        # Row k < centre: (in, out) as found; centre: identity; row k4-1-k: the mirror (p = q + d <=> q = p - d).
+        in_groups = half_in + [point_index] + half_out[::-1]
+        out_groups = half_out + [point_index] + half_in[::-1]
+        counts = [int(t.numel()) for t in in_groups]
         starts = (0, *torch.tensor(counts).cumsum(0).tolist())
-        in_index = torch.cat([f[0] for f in found])
-        out_index = torch.cat([f[1] for f in found])
+        in_index = torch.cat(in_groups)
+        out_index = torch.cat(out_groups)
 
         # CSR by output point without sorting: an output point appears at most once per kernel row, so
         # walking the rows in order and bumping a per-point fill counter gives each pair its slot.
