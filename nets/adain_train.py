@@ -262,9 +262,11 @@ def train(args) -> Path:
                              "use the same options, another --out, or --no-resume")
         log.info("resuming from %s at step %d", ckpt_path, start)
     link_vgg(Path(args.vgg), out)
-    (out / "train_config.json").write_text(json.dumps({
-        **config, "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "command": sys.argv}, indent=2))
+    run_record = out / "train_config.json.tmp"
+    run_record.write_text(json.dumps({
+        **config, "resumed_from_step": start, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "command": sys.argv}, indent=2))
+    os.replace(run_record, out / "train_config.json")
 
     data = CropBatches(content_files, style_files, args.batch_size, args.load_size, args.crop, args.seed, args.iters)
     sample_content, sample_style, _ = data.batch(np.random.default_rng(seeds[1]))
