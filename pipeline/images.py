@@ -86,8 +86,9 @@ def load_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
         raise BadImage(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # A DecompressionBombWarning is an error here: we refuse those images below ourselves.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels is our limit; Pillow's warning (at 89 MP) would only add noise. Its hard
+            # error (at 179 MP) still applies when max_pixels is None.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if max_pixels is not None and w * h > max_pixels:
@@ -102,7 +103,7 @@ def load_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
         raise
     except UnidentifiedImageError as e:
         raise BadImage(path, "not an image file (format not recognised)") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise BadImage(path, f"image too large ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow reports truncated and corrupt data as OSError ("image file is truncated ..."),
