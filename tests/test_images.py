@@ -104,3 +104,18 @@ def test_exif_rotation_applied(tmp_path):
 def test_bad_image_pickles():
     err = pickle.loads(pickle.dumps(BadImage("/x/y.jpg", "broken")))
     assert isinstance(err, BadImage) and err.path == "/x/y.jpg" and "broken" in str(err)
+
+
+def test_huge_image_refused_from_its_header(tmp_path):
+    """A 20000x20000 PNG (400 MP) is refused by the default limit before any pixel is decoded."""
+    import struct
+    import zlib
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    data = bytearray((tmp_path / "small.png").read_bytes())
+    # IHDR chunk: length(4) 'IHDR'(4) width(4) height(4) ... crc(4), right after the 8-byte signature.
+    struct.pack_into(">II", data, 16, 20000, 20000)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    (tmp_path / "huge.png").write_bytes(bytes(data))
+    with pytest.raises(BadImage, match=r"huge.png.*400000000 pixels"):
+        load_rgb(tmp_path / "huge.png")
