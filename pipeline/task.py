@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 # Worker-process cache: fingerprint -> (renderer, styliser). One job at a time per process.
 _WORKER_STATE: dict[str, tuple] = {}
-# Per-reason warnings printed by a worker before it only counts.
+# Per-reason warnings a worker process prints before it only counts (the counts reach the summary).
 WARN_EXAMPLES = 3
+_WARNED: Counter = Counter()
 
 
 def job_fingerprint(job: dict) -> str:
@@ -113,14 +114,14 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
     max_attempts = n_pairs * job["max_attempts_per_pair"]
     render_root, style_root = np.random.SeedSequence([job["seed"], shard_id]).spawn(2)
     style_rng = np.random.default_rng(style_root)
-    skips, warned = Counter(), Counter()
+    skips = Counter()
     attempts = written = 0
     stats = {"url": os.path.basename(path), "shard_id": shard_id}
 
     def skip(reason: str, message: str) -> None:
         skips[reason] += 1
-        if warned[reason] < WARN_EXAMPLES:
-            warned[reason] += 1
+        if _WARNED[reason] < WARN_EXAMPLES:
+            _WARNED[reason] += 1
             log.warning("shard %d attempt %d skipped (%s): %s", shard_id, attempts, reason, message)
 
     with ShardWriter(path) as writer:
@@ -133,7 +134,7 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                 try:
                     pair = renderer.render_pair(np.random.default_rng(seq), key, seed=_seed_record(seq))
                 except SkipPair as e:
-                    skip(getattr(e, "reason", None) or str(e) or "skip", str(e))
+                    skip(e.reason, e.detail or e.reason)
                     continue
                 except BadImage as e:
                     skip("bad_image", str(e))
