@@ -9,6 +9,7 @@ one of each kind of broken entry the reader must count and skip. The returned
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,9 @@ def write_coco_fixture(root, *, n_images: int = 6, width: int = 128, height: int
             cy = rng.uniform(r + 2, height - r - 2)
             poly = _shape_polygon(kind, cx, cy, r)
             rle = mask_utils.merge(mask_utils.frPyObjects([poly], height, width))
-            m = mask_utils.decode(rle).astype(bool)
+            with warnings.catch_warnings():  # pycocotools' np.array(copy=False) under numpy 2
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = mask_utils.decode(rle).astype(bool)
             img[m] = _smooth_texture(rng, height, width, cells=4)[m]
             enc = encodings[(i + k) % 3]
             if enc == "polygon":
