@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not predict the third pairs of Eq. 4 (edges needing them are skipped)")
     p.add_argument("--n-eig", type=int, default=DEFAULTS["n_eig"], help="eigenvectors (100)")
     p.add_argument("--clusters", type=int, default=DEFAULTS["clusters"], help="K-means clusters (500)")
-    p.add_argument("--eigen-solver", default="auto", choices=["auto", "eigsh", "lobpcg"])
+    p.add_argument("--eigen-solver", default="components", choices=["components", "eigsh"],
+                   help="exact per connected component (default) or ARPACK on the whole matrix")
     p.add_argument("--raw-adjacency", action="store_true", help="eigenvectors of A instead of D^-1/2 A D^-1/2")
     p.add_argument("--sheets", type=int, default=50, help="contact sheets for the top N clusters (50)")
     p.add_argument("--min-images", type=int, default=2, help="report clusters spanning at least N images (2)")

@@ -1,19 +1,26 @@
 """Spectral analysis of the correspondence graph: leading eigenvectors, K-means clusters, first eigenvector.
 
-Discovery (paper §5): the N_eig leading eigenvectors of the graph, then K-means with K clusters. We use
-the symmetrically normalised adjacency S = D^-1/2 A D^-1/2 (Ng-Jordan-Weiss spectral clustering; rows of
-the embedding are L2-normalised before K-means) so large, heavy groups do not take every eigenvector,
-*regularised* with tau = the mean degree added to every degree (D -> D + tau I, Qin & Rohe 2013): a
-correspondence graph has many tiny components (a few spurious matches), and without regularisation each
-of them has eigenvalue exactly 1 and takes a leading eigenvector from the real clusters; with it a
-component's eigenvalue is about d / (d + tau), so heavy, well-connected groups come first.
-``normalise=False`` uses the raw adjacency, as the paper's wording has it.
+Discovery (paper §5): the N_eig leading eigenvectors of the graph, then K-means with K clusters.
 
-Solvers: ``eigsh`` (ARPACK Lanczos, largest algebraic eigenvalues) for small graphs, and for large
-ones LOBPCG on the normalised Laplacian L = I - S (its smallest eigenvectors are S's largest) with a
-pyamg smoothed-aggregation preconditioner, which converges in a few dozen iterations even with the many
-near-degenerate eigenvalues that a graph made of many small components has. Every random start comes
-from ``seed``.
+Operator. We use the symmetrically normalised adjacency S = D^-1/2 A D^-1/2 (Ng-Jordan-Weiss spectral
+clustering; rows of the embedding are L2-normalised before K-means), *regularised* with tau = the mean
+degree added to every degree (D -> D + tau I, Qin & Rohe 2013). A correspondence graph has many tiny
+components (a few spurious matches): without regularisation each has eigenvalue exactly 1 and takes a
+leading eigenvector from the real clusters; with it a component's eigenvalue is about d / (d + tau), so
+heavy, well-connected groups come first. ``normalise=False`` uses the raw adjacency A.
+
+Solver. The graph is block diagonal over its connected components, and it has very many of them with
+nearly equal leading eigenvalues (every repeated detail is its own component). Krylov (ARPACK) and
+LOBPCG iterations converge very slowly on such clustered spectra, and multigrid preconditioners do not
+coarsen a union of small cliques. So the default solver (``components``) is exact: it splits the graph
+into components (scipy.sparse.csgraph), computes the eigenvalues of every small component with batched
+dense ``eigvalsh`` (components of equal size in one call), and of large ones with ``eigsh``; selects the
+N_eig largest over the whole graph; and computes eigenvectors only for the components that own them.
+The result is the eigen-decomposition of the whole matrix, at a cost linear in the number of vertices
+(measured in ``benchmarks/bench_discovery.py``). ``eigsh`` on the whole matrix stays available.
+
+Vertices of components that own none of the leading eigenvectors have an all-zero embedding row; they
+are left unclustered (label -1) rather than lumped into one cluster.
 
 Co-segmentation uses the first eigenvector of the raw adjacency (the official code), sign-fixed so that
 its mass is positive.
@@ -24,88 +31,177 @@ import logging
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh, lobpcg
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import eigsh
 
 log = logging.getLogger(__name__)
 
-EIGSH_MAX_NODES = 20_000
+DENSE_MAX = 1500          # components up to this size are solved densely
+DENSE_BATCH_BYTES = 2**28  # memory for one batch of dense component matrices
 
 
-def _normalised(adj: sp.spmatrix, regularise: bool = True) -> tuple[sp.csr_matrix, np.ndarray]:
-    deg = np.asarray(adj.sum(1)).ravel()
-    if regularise:  # tau = mean degree (Qin & Rohe 2013)
-        deg = deg + (deg.mean() if len(deg) else 0.0)
-    inv_sqrt = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-30)), 0.0)
-    d = sp.diags(inv_sqrt.astype(np.float64))
-    return (d @ adj.astype(np.float64) @ d).tocsr(), deg
+def operator(adj: sp.spmatrix, normalise: bool = True, regularise: bool = True) -> sp.csr_matrix:
+    """The matrix whose leading eigenvectors are used (see module docstring), float64 CSR."""
+    a = adj.astype(np.float64).tocsr()
+    if not normalise:
+        return a
+    deg = np.asarray(a.sum(1)).ravel()
+    if regularise and len(deg):
+        deg = deg + deg.mean()
+    inv_sqrt = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1e-300)), 0.0)
+    d = sp.diags(inv_sqrt)
+    return (d @ a @ d).tocsr()
+
+
+def _components(op: sp.csr_matrix):
+    n_comp, label = connected_components(op, directed=False)
+    order = np.argsort(label, kind="stable")
+    sizes = np.bincount(label, minlength=n_comp)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    local = np.empty(len(label), np.int64)
+    local[order] = np.arange(len(label)) - starts[label[order]]
+    return n_comp, label, order, sizes, starts, local
+
+
+class _SmallComponents:
+    """The entries of all components with at most DENSE_MAX vertices, sorted so that the components of
+    one size are contiguous: dense batches are slices, never scans of the whole matrix."""
+
+    def __init__(self, op: sp.csr_matrix, label, sizes, local):
+        self.label, self.local, self.sizes = label, local, sizes
+        small = np.flatnonzero(sizes <= DENSE_MAX)
+        self.comps = small[np.lexsort((small, sizes[small]))]          # by (size, id)
+        self.rank = np.full(len(sizes), -1, np.int64)
+        self.rank[self.comps] = np.arange(len(self.comps))
+        coo = op.tocoo()
+        key = self.rank[label[coo.row]]
+        keep = key >= 0
+        srt = np.argsort(key[keep], kind="stable")
+        self.key = key[keep][srt]
+        self.row, self.col, self.val = coo.row[keep][srt], coo.col[keep][srt], coo.data[keep][srt]
+
+    def batches(self, wanted: np.ndarray | None = None):
+        """(size, ranks lo..hi) of equal-size runs, chunked to DENSE_BATCH_BYTES; only ``wanted`` ranks."""
+        ranks = np.arange(len(self.comps)) if wanted is None else np.sort(wanted)
+        if len(ranks) == 0:
+            return
+        m_of = self.sizes[self.comps[ranks]]
+        cut = np.flatnonzero(np.diff(m_of)) + 1
+        for run in np.split(ranks, cut):
+            m = int(self.sizes[self.comps[run[0]]])
+            per = max(1, DENSE_BATCH_BYTES // (8 * m * m))
+            for s in range(0, len(run), per):
+                yield m, run[s:s + per]
+
+    def dense(self, m: int, ranks: np.ndarray) -> np.ndarray:
+        """[len(ranks), m, m] dense matrices of the components with these (sorted) ranks."""
+        out = np.zeros((len(ranks), m, m))
+        slot = np.full(int(ranks[-1] - ranks[0] + 1), -1, np.int64)
+        slot[ranks - ranks[0]] = np.arange(len(ranks))
+        lo, hi = np.searchsorted(self.key, [ranks[0], ranks[-1] + 1])
+        k = self.key[lo:hi] - ranks[0]
+        sel = slot[k] >= 0
+        r, c = self.row[lo:hi][sel], self.col[lo:hi][sel]
+        out[slot[k[sel]], self.local[r], self.local[c]] = self.val[lo:hi][sel]
+        return out
+
+
+def _component_eigenpairs(op: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n = op.shape[0]
+    n_comp, label, order, sizes, starts, local = _components(op)
+    rng = np.random.default_rng(seed)
+    small = _SmallComponents(op, label, sizes, local)
+    # Pass 1: eigenvalues of every component (at most k per component can be among the leading ones).
+    cand_val, cand_comp = [], []
+    for m, ranks in small.batches():
+        vals = np.linalg.eigvalsh(small.dense(m, ranks))[:, ::-1][:, :k]
+        cand_val.append(vals.ravel())
+        cand_comp.append(np.repeat(small.comps[ranks], vals.shape[1]))
+    large_vecs = {}
+    for c in np.flatnonzero(sizes > DENSE_MAX):
+        idx = order[starts[c]:starts[c + 1]]
+        sub = op[idx][:, idx]
+        kk = min(k, len(idx) - 2)
+        vals, vecs = eigsh(sub, k=kk, which="LA", v0=rng.standard_normal(len(idx)))
+        srt = np.argsort(-vals)
+        large_vecs[int(c)] = (idx, vals[srt], vecs[:, srt])
+        cand_val.append(vals[srt])
+        cand_comp.append(np.full(kk, c))
+    cand_val, cand_comp = np.concatenate(cand_val), np.concatenate(cand_comp)
+    top = np.argsort(-cand_val, kind="stable")[:k]
+    need = np.bincount(cand_comp[top], minlength=n_comp)  # eigenvectors each component contributes
+    # Pass 2: eigenvectors of the components that own leading eigenvalues.
+    vals_out = []
+    vecs_out = np.zeros((n, int(need.sum())))
+    col = 0
+    owners = np.flatnonzero(need)
+    for m, ranks in small.batches(small.rank[owners[sizes[owners] <= DENSE_MAX]]):
+        w, v = np.linalg.eigh(small.dense(m, ranks))
+        for b, c in enumerate(small.comps[ranks]):
+            j = need[c]
+            vecs_out[order[starts[c]:starts[c + 1]], col:col + j] = v[b][:, ::-1][:, :j]
+            vals_out.extend(w[b][::-1][:j])
+            col += j
+    for c in owners[sizes[owners] > DENSE_MAX]:
+        idx, vals, vecs = large_vecs[int(c)]
+        j = need[c]
+        vecs_out[idx, col:col + j] = vecs[:, :j]
+        vals_out.extend(vals[:j])
+        col += j
+    vals_out = np.asarray(vals_out)
+    srt = np.argsort(-vals_out, kind="stable")
+    return vals_out[srt], vecs_out[:, srt]
 
 
 def leading_eigenvectors(adj: sp.spmatrix, k: int, *, normalise: bool = True, regularise: bool = True,
-                         method: str = "auto",
-                         seed: int = 0, tol: float = 1e-4, maxiter: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest eigenpairs of the (normalised) adjacency: (values [k] descending, vectors [n, k])."""
+                         method: str = "components", seed: int = 0, tol: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest eigenpairs of the operator: (values [k] descending, vectors [n, k])."""
     n = adj.shape[0]
     if n == 0:
         return np.zeros(0), np.zeros((0, 0))
-    k = max(1, min(k, n - 1 if n > 1 else 1))
-    rng = np.random.default_rng(seed)
-    op = _normalised(adj, regularise)[0] if normalise else adj.astype(np.float64).tocsr()
-    if method == "auto":
-        method = "eigsh" if (n <= EIGSH_MAX_NODES or not normalise) else "lobpcg"
-    if n <= max(2 * k + 1, 64):  # tiny graph: dense is exact and instant
-        vals, vecs = np.linalg.eigh(op.toarray())
-        vals, vecs = vals[::-1][:k], vecs[:, ::-1][:, :k]
-    elif method == "eigsh":
-        vals, vecs = eigsh(op, k=k, which="LA", v0=rng.standard_normal(n), tol=tol * 1e-2)
-        order = np.argsort(-vals)
-        vals, vecs = vals[order], vecs[:, order]
-    elif method == "lobpcg":
-        if not normalise:
-            raise ValueError("the lobpcg solver works on the normalised Laplacian; use normalise=True")
-        import pyamg
-
-        lap = (sp.identity(n, format="csr") - op).tocsr()
-        # A small shift makes the (singular) Laplacian positive definite for the multigrid hierarchy.
-        ml = pyamg.smoothed_aggregation_solver((lap + 1e-5 * sp.identity(n, format="csr")).tocsr())
-        x0 = rng.standard_normal((n, k))
-        lam, vecs = lobpcg(lap, x0, M=ml.aspreconditioner(), tol=tol, largest=False, maxiter=maxiter)
-        order = np.argsort(lam)
-        vals, vecs = 1.0 - lam[order], vecs[:, order]
-    else:
-        raise ValueError(f"unknown eigen solver {method!r}; choose auto, eigsh or lobpcg")
-    return vals, vecs
+    k = max(1, min(k, n))
+    op = operator(adj, normalise, regularise)
+    if method == "components":
+        return _component_eigenpairs(op, k, seed)
+    if method == "eigsh":
+        if k >= n - 1:
+            vals, vecs = np.linalg.eigh(op.toarray())
+            return vals[::-1][:k], vecs[:, ::-1][:, :k]
+        vals, vecs = eigsh(op, k=k, which="LA", v0=np.random.default_rng(seed).standard_normal(n), tol=tol)
+        srt = np.argsort(-vals)
+        return vals[srt], vecs[:, srt]
+    raise ValueError(f"unknown eigen solver {method!r}; choose components or eigsh")
 
 
 def spectral_embedding(adj: sp.spmatrix, k: int, **kw) -> np.ndarray:
-    """Rows of the k leading eigenvectors, L2-normalised per row (rows of isolated vertices stay 0)."""
+    """Rows of the k leading eigenvectors, L2-normalised per row (all-zero rows stay 0), float32."""
     _, vecs = leading_eigenvectors(adj, k, **kw)
     norms = np.linalg.norm(vecs, axis=1, keepdims=True)
     return np.where(norms > 1e-12, vecs / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
 
 
 def kmeans(x: np.ndarray, k: int, *, seed: int = 0, minibatch_above: int = 50_000) -> np.ndarray:
-    """Cluster labels [n] with K-means (MiniBatchKMeans for large inputs)."""
+    """Cluster labels [n] with K-means (MiniBatchKMeans for large inputs); all-zero rows get -1."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    n = len(x)
-    k = max(1, min(k, n))
-    if n <= minibatch_above:
-        return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
-    return MiniBatchKMeans(n_clusters=k, batch_size=max(4096, 3 * k), n_init=3, max_no_improvement=20,
-                           random_state=seed).fit_predict(x)
+    labels = np.full(len(x), -1, np.int64)
+    rows = np.flatnonzero(np.abs(x).sum(1) > 0)
+    if len(rows) == 0:
+        return labels
+    k = max(1, min(k, len(rows)))
+    if len(rows) <= minibatch_above:
+        km = KMeans(n_clusters=k, n_init=3, random_state=seed)
+    else:
+        km = MiniBatchKMeans(n_clusters=k, batch_size=max(4096, 3 * k), n_init=3, max_no_improvement=20,
+                             random_state=seed)
+    labels[rows] = km.fit_predict(x[rows])
+    return labels
 
 
 def first_eigenvector(adj: sp.spmatrix, seed: int = 0) -> np.ndarray:
     """Leading eigenvector of the raw adjacency, signed so that its entries sum to a positive number."""
-    n = adj.shape[0]
-    if n == 0:
+    if adj.shape[0] == 0:
         return np.zeros(0)
-    if n < 3:
-        vals, vecs = np.linalg.eigh(adj.toarray().astype(np.float64))
-        v = vecs[:, -1]
-    else:
-        # A positive start vector, like the official code's ones: the Perron vector is found first.
-        v0 = 1.0 + 0.01 * np.random.default_rng(seed).standard_normal(n)
-        _, vecs = eigsh(adj.astype(np.float64), k=1, which="LA", v0=v0)
-        v = vecs[:, 0]
+    _, vecs = leading_eigenvectors(adj, 1, normalise=False, seed=seed)
+    v = vecs[:, 0]
     return v if v.sum() >= 0 else -v
