@@ -1,8 +1,8 @@
 """Read shards back as :class:`~segswap.shards.format.Pair` objects.
 
 ``iter_pairs(url)`` accepts what WebDataset users expect: a local path, a directory of shards, a brace
-list (``out/train-{000000..000015}.tar``), several of those joined by ``::``, and ``pipe:`` commands
-(``pipe:aws s3 cp s3://bucket/train-000000.tar -``). Tar members are grouped into samples with
+list (``out/train-{000000..000015}.tar``), several of those joined by ``::``, ``pipe:`` commands
+(``pipe:aws s3 cp s3://bucket/train-000000.tar -``), and a wids ``index.json``. Tar members are grouped into samples with
 WebDataset's own tar iterator, and every sample goes through :func:`format.decode_sample`, which knows
 only the whitelisted fields and never unpickles. WebDataset's default decoders are deliberately not
 used: they would unpickle ``.pyd``/``.pickle`` members.
@@ -10,6 +10,7 @@ used: they would unpickle ``.pyd``/``.pickle`` members.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Iterator
 
@@ -27,6 +28,15 @@ def shard_urls(url: str | os.PathLike | list) -> list[str]:
     if isinstance(url, (list, tuple)):
         return [u for part in url for u in shard_urls(part)]
     url = os.fspath(url)
+    if url.endswith(".json") and os.path.isfile(url):
+        # A wids index.json: its shard URLs are relative to the index's folder.
+        with open(url) as f:
+            shardlist = json.load(f).get("shardlist")
+        if not isinstance(shardlist, list):
+            raise ValueError(f"{url}: not a wids index (no shardlist)")
+        base = os.path.dirname(os.path.abspath(url))
+        return [e["url"] if "://" in e["url"] or e["url"].startswith("pipe:") or os.path.isabs(e["url"])
+                else os.path.join(base, e["url"]) for e in shardlist]
     if not url.startswith("pipe:") and os.path.isdir(url):
         urls = sorted(glob.glob(os.path.join(url, SHARD_GLOB)))
         if not urls:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from segswap.shards.index import file_md5, list_shards, read_index, read_json
 from segswap.shards.writer import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
+SHARD_ID_RE = re.compile(r"-(\d{6})\.tar$")  # train-000012.tar holds keys 000012-...
 
 
 @dataclass
@@ -99,10 +101,14 @@ def verify_shard(path: str, expected: dict | None = None, *, min_cells: int = 0,
         md5 = file_md5(path)
         if md5 != expected["md5sum"] and problem(None, f"md5 {md5} != {expected['md5sum']} in index"):
             return report
+    id_match = SHARD_ID_RE.search(os.path.basename(path))
+    shard_prefix = "%06d-" % int(id_match.group(1)) if id_match else None
     try:
         for key, fields in _iter_tar_samples(path):
             report.nsamples += 1
             try:
+                if shard_prefix and not key.startswith(shard_prefix):
+                    raise FormatError(f"key does not start with the shard's id ({shard_prefix}...)")
                 pair = decode_sample({"__key__": key, **fields})
                 if min_cells:
                     check_pair(pair, min_cells=min_cells)

@@ -56,6 +56,8 @@ def test_brace_list_directory_and_pipe_urls(tmp_path):
     assert keys == [sample_key(s, i) for s in range(3) for i in range(2)]
     assert [p.key for p in iter_pairs(str(tmp_path))] == keys
     assert len(shard_urls(str(tmp_path))) == 3
+    shard_index.write_index(str(tmp_path))
+    assert [p.key for p in iter_pairs(str(tmp_path / "index.json"))] == keys
     pipe = f"pipe:cat {tmp_path / 'train-000001.tar'}"
     assert [p.key for p in iter_pairs(pipe)] == keys[2:4]
 

@@ -127,3 +127,11 @@ def test_index_rebuild_after_unindexed_shard(good_dir, tmp_path, capsys):
     assert cli.main(["index", str(out)]) == 0
     code, cap = _run(out, capsys=capsys)
     assert code == 0, cap.err
+
+
+def test_sample_in_the_wrong_shard_is_caught(good_dir, tmp_path, capsys):
+    out = _copy(good_dir, tmp_path)
+    os.replace(out / "train-000001.tar", out / "train-000007.tar")
+    rebuild(str(out), rehash=True)
+    code, cap = _run(out, capsys=capsys)
+    assert code == 1 and "train-000007.tar: sample 000001-000000" in cap.err and "shard's id" in cap.err
