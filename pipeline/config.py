@@ -62,6 +62,7 @@ DEFAULTS = {
 RUN_KEYS = ("out", "num_shards", "shard_range", "task_index", "num_tasks", "workers", "no_ray",
             "ray_address", "overwrite", "verify_existing")
 DICT_KEYS = ("unsupervised", "render")
+PATH_KEYS = ("images", "coco_annotations", "style_images", "adain_weights")
 
 
 class ConfigError(ValueError):
@@ -237,6 +238,10 @@ def validate(cfg: dict, source: str = "options") -> dict:
         if not isinstance(cfg["categories"], (list, tuple)):
             fail("categories", "must be a list of ids or names")
         cfg["categories"] = [int(c) if isinstance(c, str) and c.isdigit() else c for c in cfg["categories"]]
+    # Absolute paths: the recorded config must mean the same files whatever folder a rerun starts in.
+    for key in PATH_KEYS:
+        if cfg[key] is not None:
+            cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
     if cfg["no_ray"]:
         cfg["workers"] = 0
     if cfg["workers"] is None:

@@ -37,6 +37,7 @@ log = logging.getLogger("segswap.gen")
 
 SEGMENTS_CACHE = "segments.json"
 EMBEDDED_IMAGES = "embedded-images"
+CONFIG_NAME = "config.yaml"
 # Tasks queued per worker: enough to keep workers busy while results come back, few enough that a
 # cluster-sized job does not submit thousands of tasks at once.
 IN_FLIGHT_PER_WORKER = 2
@@ -136,7 +137,7 @@ def remove_selected(out: str, shard_ids: list[int], everything: bool) -> None:
             os.remove(tmp)
         shutil.rmtree(os.path.join(out, shard_index.PARTS_DIR), ignore_errors=True)
         shutil.rmtree(os.path.join(out, SEGMENTS_CACHE + ".parts"), ignore_errors=True)
-        for name in (shard_index.INDEX_NAME, shard_index.MANIFEST_NAME, SEGMENTS_CACHE):
+        for name in (shard_index.INDEX_NAME, shard_index.MANIFEST_NAME, SEGMENTS_CACHE, CONFIG_NAME):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
 
@@ -313,10 +314,26 @@ def generate(cfg: dict) -> dict:
             ray.shutdown()
     summary = record(final=True)
     index, manifest = shard_index.rebuild(out)
+    write_config_yaml(out, cfg, index)
     summary["dataset_shards"] = manifest["counts"]["shards"]
     summary["dataset_pairs"] = manifest["counts"]["pairs"]
     log_summary(summary)
     return summary
+
+
+def write_config_yaml(out: str, cfg: dict, index: dict) -> None:
+    """``OUT/config.yaml``: the settings that made the dataset, so that
+    ``segswap-gen --config OUT/config.yaml --out NEW`` regenerates it byte for byte."""
+    import yaml
+
+    ids = [int(e["url"].split("-")[-1].split(".")[0]) for e in index["shardlist"]
+           if e["url"].startswith("train-")]
+    data = {**json.loads(json.dumps(dataset_config(cfg))), "num_shards": max(ids) + 1 if ids else cfg["num_shards"]}
+    tmp = os.path.join(out, f"{CONFIG_NAME}.{os.getpid()}{TMP_SUFFIX}")
+    with open(tmp, "w") as f:
+        f.write("# segswap-gen settings of this dataset (written by segswap-gen; flags override)\n")
+        yaml.safe_dump(data, f, sort_keys=True)
+    os.replace(tmp, os.path.join(out, CONFIG_NAME))
 
 
 def summarise(shard_ids, todo, done, results, failed, gen_time: float) -> dict:

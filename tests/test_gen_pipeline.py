@@ -61,6 +61,12 @@ def test_reference_run_verifies_and_records(reference, coco, capsys):
     assert [e["nsamples"] for e in index["shardlist"]] == [PAIRS] * NUM_SHARDS
 
 
+def test_config_yaml_reproduces_the_dataset(reference, tmp_path):
+    out = tmp_path / "again"
+    assert cli.main(["--config", str(reference / "config.yaml"), "--out", str(out), "--workers", "0", "-q"]) == 0
+    assert _shard_bytes(out) == _shard_bytes(reference)
+
+
 def test_two_ray_workers_give_identical_bytes(reference, coco, tmp_path, ray_local):
     out = tmp_path / "pairs"
     assert cli.main(_args(coco, out, "--workers", "2")) == 0
