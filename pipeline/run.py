@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 from collections import Counter
@@ -329,7 +330,7 @@ def write_config_yaml(out: str, cfg: dict, index: dict) -> None:
     ids = [int(e["url"].split("-")[-1].split(".")[0]) for e in index["shardlist"]
            if e["url"].startswith("train-")]
     data = {**json.loads(json.dumps(dataset_config(cfg))), "num_shards": max(ids) + 1 if ids else cfg["num_shards"]}
-    tmp = os.path.join(out, f"{CONFIG_NAME}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = os.path.join(out, f"{CONFIG_NAME}.{platform.node()}.{os.getpid()}{TMP_SUFFIX}")
     with open(tmp, "w") as f:
         f.write("# segswap-gen settings of this dataset (written by segswap-gen; flags override)\n")
         yaml.safe_dump(data, f, sort_keys=True)

@@ -48,7 +48,9 @@ VERSIONED_PACKAGES = ("segswap", "numpy", "scipy", "torch", "opencv-contrib-pyth
 
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to a temporary name then rename, so readers never see half a file."""
-    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
+    # Host and pid in the temporary name: tasks of a SLURM array on a shared filesystem may write
+    # the same file at once.
+    tmp = f"{path}.{platform.node()}.{os.getpid()}{TMP_SUFFIX}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
