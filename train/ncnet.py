@@ -229,14 +229,20 @@ class SparseNCNet(nn.Module):
             out = out + self.nc(x, maps, swap_ab=True)
         return out[:, 0]
 
-    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor,
-                pad1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor, pad1: torch.Tensor | None = None,
+                return_tokens: bool = False) -> dict[str, torch.Tensor]:
+        if return_tokens:
+            raise ValueError("the ncnet head has no per-cell token features, so the pixel-contrast loss "
+                             "cannot be used with arch ncnet; switch it off or use arch transformer")
         b = feat0.shape[0]
         h_a, w_a = feat0.shape[2:]
         h_b, w_b = feat1.shape[2:]
-        coords, values = sparse_correlation(feat0, feat1, self.topk, pad1)
-        scores = self.consensus(coords, values.to(feat0.dtype), (h_a, w_a, h_b, w_b))
-        return sparse_eq1_readout(coords, scores, b, (h_a, w_a), (h_b, w_b), pad1)
+        # Sparse products and segment softmaxes run in float32 even under mixed-precision autocast.
+        with torch.autocast(device_type=feat0.device.type, enabled=False):
+            feat0, feat1 = feat0.float(), feat1.float()
+            coords, values = sparse_correlation(feat0, feat1, self.topk, pad1)
+            scores = self.consensus(coords, values, (h_a, w_a, h_b, w_b))
+            return sparse_eq1_readout(coords, scores, b, (h_a, w_a), (h_b, w_b), pad1)
 
 
 NCNET_DEFAULTS = {"topk": 10, "channels": (16, 1), "kernel_sizes": (3, 3), "symmetric": True}
