@@ -26,7 +26,8 @@ set -euo pipefail
 OUT=${OUT:-data/coco-pairs}
 CONFIG=${CONFIG:-gen.yaml}        # segments, images, annotations, num_shards, pairs_per_shard, seed, style...
 NUM_TASKS=${SLURM_ARRAY_TASK_COUNT:?run this script with sbatch --array}
-TASK=${SLURM_ARRAY_TASK_ID:?run this script with sbatch --array}
+# Arrays may start at any index (--array=1-50): count from the first one.
+TASK=$(( ${SLURM_ARRAY_TASK_ID:?run this script with sbatch --array} - ${SLURM_ARRAY_TASK_MIN:-0} ))
 
 # Logs are lines, not progress bars, when stderr is a file.
 segswap-gen --config "$CONFIG" --out "$OUT" --no-ray \
