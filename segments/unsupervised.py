@@ -357,9 +357,14 @@ def run_extraction(image_paths, out_json, *, workers: int | None = 0, ray_addres
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    out_json = Path(out_json)
     if isinstance(image_paths, (str, os.PathLike)) and Path(image_paths).is_dir():
         images_dir = images_dir or image_paths
-        paths = list_images(image_paths)
+        # The output may live inside the image folder: never list it, its part files or temp files.
+        own = out_json.resolve()
+        paths = [p for p in list_images(image_paths)
+                 if not (p.resolve() == own or p.resolve().is_relative_to(own.with_name(own.name + ".parts"))
+                         or p.name.startswith(own.name + ".tmp"))]
     else:
         paths = [Path(p) for p in image_paths]
     if not paths:
@@ -370,7 +375,6 @@ def run_extraction(image_paths, out_json, *, workers: int | None = 0, ray_addres
 
     # Check the spec before starting workers (a missing moco checkpoint should fail here, not per chunk).
     spec = _get_extractor(features).spec
-    out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     settings = {"method": METHOD, "method_version": METHOD_VERSION, "features": spec,
                 "params": dataclasses.asdict(params), "seed": seed}

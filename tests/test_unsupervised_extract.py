@@ -87,7 +87,7 @@ def test_folder_to_coco_round_trip_and_bad_inputs(image_folder, tmp_path):
                                                         "notes.txt", "broken.jpg"}
     assert all("png" in s["reason"] or "image" in s["reason"] or "px" in s["reason"] for s in prov["skipped"])
     assert prov["without_segments"] == ["noise.png"]  # reported, and still an image (usable background)
-    assert prov["features"] == "sift+colour" and prov["params"]["box_quantile"] == ExtractionParams().box_quantile
+    assert prov["features"] == build_feature_extractor("default").spec and prov["params"]["box_quantile"] == ExtractionParams().box_quantile
     assert not (tmp_path / "segments.json.parts").exists()
 
     api = COCO(str(out))  # pycocotools reads it as an ordinary instances file
