@@ -53,7 +53,7 @@ DEFAULTS = {
     "shard_range": None,            # "A:B": shards A..B-1 only
     "task_index": None,             # with num_tasks: this task's contiguous slice of the shards
     "num_tasks": None,
-    "workers": None,                # Ray worker processes (None: all CPUs); 0 = in this process
+    "workers": None,                # Ray worker processes (None: the CPUs this process may use); 0 = in-process
     "no_ray": False,
     "ray_address": None,
     "overwrite": False,
@@ -245,7 +245,7 @@ def validate(cfg: dict, source: str = "options") -> dict:
     if cfg["no_ray"]:
         cfg["workers"] = 0
     if cfg["workers"] is None:
-        cfg["workers"] = os.cpu_count() or 1
+        cfg["workers"] = available_cpus()
     if not isinstance(cfg["workers"], int) or cfg["workers"] < 0:
         fail("workers", f"must be an integer >= 0, got {cfg['workers']!r}")
     if cfg["shard_range"] is not None and (cfg["task_index"] is not None or cfg["num_tasks"] is not None):
@@ -266,6 +266,14 @@ def validate(cfg: dict, source: str = "options") -> dict:
         if cfg["num_tasks"] < 1 or not 0 <= cfg["task_index"] < cfg["num_tasks"]:
             fail("task_index", f"need 0 <= task_index < num_tasks, got {cfg['task_index']}/{cfg['num_tasks']}")
     return cfg
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (SLURM and containers restrict the affinity mask, not cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def selected_shards(cfg: dict) -> list[int]:
