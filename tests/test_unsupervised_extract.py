@@ -72,7 +72,7 @@ def image_folder(tmp_path):
 
 
 # 160x120 scenes pass, the 200x200 one is "huge"; fewer GrabCut runs keep the job tests quick.
-OPTS = dict(max_pixels=30_000, max_boxes=6)
+OPTS = dict(max_pixels=30_000, max_boxes=4, ss_mode="single")
 
 
 def test_folder_to_coco_round_trip_and_bad_inputs(image_folder, tmp_path):
@@ -155,8 +155,9 @@ def test_chunking_does_not_change_results(image_folder, tmp_path):
 
 def test_ray_job_matches_in_process(image_folder, tmp_path, ray_local):
     folder, _ = image_folder
-    local = run_extraction(folder, tmp_path / "local.json", chunk_size=2, **OPTS)
-    remote = run_extraction(folder, tmp_path / "ray.json", chunk_size=2, workers=2, **OPTS)
+    files = [folder / "a.png", folder / "notes.txt", folder / "sub/b.jpg"]
+    local = run_extraction(files, tmp_path / "local.json", chunk_size=2, images_dir=folder, **OPTS)
+    remote = run_extraction(files, tmp_path / "ray.json", chunk_size=2, images_dir=folder, workers=2, **OPTS)
     assert _annotations(local) == _annotations(remote)
 
 

@@ -44,7 +44,7 @@ def test_saliency_peaks_on_the_planted_object(seed):
     cover = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)  # object share per cell
     peak = np.unravel_index(np.argmax(sal), sal.shape)
     assert cover[peak] > 0.5
-    assert sal[cover > 0.5].mean() > sal[cover == 0].mean() + 0.1
+    assert sal[cover > 0.5].mean() > 2 * sal[cover == 0].mean()  # scale-free: distances depend on the features
 
 
 def test_upsampled_map_keeps_cell_values_at_cell_centres(rng):
