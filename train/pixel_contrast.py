@@ -231,14 +231,16 @@ class PixelContrastLoss(nn.Module):
         has_negative = negative.any(1)
         negative_logits = logits.masked_fill(~negative, float("-inf"))
         safe = torch.where(has_negative[:, None], negative_logits, torch.zeros_like(logits))
-        negative_lse = torch.where(has_negative, torch.logsumexp(safe, 1), torch.full_like(has_negative, float("-inf"), dtype=logits.dtype))
+        no_negative = torch.full_like(has_negative, float("-inf"), dtype=logits.dtype)
+        negative_lse = torch.where(has_negative, torch.logsumexp(safe, 1), no_negative)
         log_prob = logits - torch.logaddexp(logits, negative_lse[:, None])   # per (anchor, positive)
 
         num_positive = positive.sum(1)
         usable = num_positive > 0
         if not usable.any():
             return emb.new_zeros(())
-        per_anchor = -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / num_positive.clamp(min=1)
+        positive_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob))
+        per_anchor = -positive_log_prob.sum(1) / num_positive.clamp(min=1)
         return per_anchor[usable].mean()
 
     # ---------------------------------------------------------------- queues
