@@ -1,0 +1,83 @@
+"""Training-loader throughput: decoded + augmented pairs per second per worker (goal >= 100 at 480 px).
+
+Writes synthetic 480x480 shards with stylised renderings (tests/synthetic_shards.py) to a temporary
+folder, then measures in one process (= one DataLoader worker):
+
+  read      tar members grouped into samples (no decoding)             - the I/O floor
+  decode    + shards.format.decode_sample of every field               - the baseline
+  stream    ShardStream: pick renderings, decode, augment (TPS p=0.5,
+            swap, padding), feature-grid ground truth                  - what training gets
+
+and the stream through a DataLoader with --workers processes. Ratios are against `decode`.
+
+    python benchmarks/bench_loader.py [--pairs 200] [--size 480] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+from synthetic_shards import write_synthetic_shards  # noqa: E402
+from webdataset.gopen import gopen  # noqa: E402
+from webdataset.tariterators import group_by_keys, tar_file_expander  # noqa: E402
+
+from segswap.shards.format import decode_sample  # noqa: E402
+from segswap.train.data import PairAugmenter, ShardStream, expand_shards, make_loader  # noqa: E402
+
+
+def raw_samples(urls):
+    for u in expand_shards(urls):
+        yield from group_by_keys(tar_file_expander([{"url": u, "stream": gopen(u, "rb")}]))
+
+
+def rate(it, n):
+    t = time.perf_counter()
+    count = sum(1 for _ in itertools.islice(it, n))
+    return count / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--size", type=int, default=480)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        per = 50
+        n_shards = max(1, args.pairs // per)
+        t = time.perf_counter()
+        urls = write_synthetic_shards(tmp, n_shards=n_shards, pairs_per_shard=per, size=args.size, seed=0)
+        n = n_shards * per
+        print(f"wrote {n} synthetic {args.size}x{args.size} pairs with stylised renderings in {time.perf_counter() - t:.1f} s")
+        aug = PairAugmenter(args.size)
+        r_read = rate(raw_samples(urls), n)
+        r_dec = rate((decode_sample(s) for s in raw_samples(urls)), n)
+        stream = ShardStream(urls, aug, seed=0, resampled=False)
+        r_stream = rate(iter(stream), n)
+        print(f"read      {r_read:8.1f} pairs/s")
+        print(f"decode    {r_dec:8.1f} pairs/s   (baseline)")
+        print(f"stream    {r_stream:8.1f} pairs/s per worker   ({r_stream / r_dec:.2f}x decode; goal >= 100)")
+        if args.workers > 0:
+            loader = make_loader(ShardStream(urls, aug, seed=0, resampled=True, shuffle_buffer=50), batch_size=5,
+                                 workers=args.workers)
+            it = iter(loader)
+            next(it)  # start-up of the worker processes is not throughput
+            t = time.perf_counter()
+            batches = sum(1 for _ in itertools.islice(it, max(1, n // 5)))
+            r_loader = batches * 5 / (time.perf_counter() - t)
+            print(f"loader    {r_loader:8.1f} pairs/s with {args.workers} workers "
+                  f"({r_loader / args.workers:.1f} per worker; machine has {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
