@@ -55,7 +55,7 @@ def test_run_directory_has_everything_to_reproduce(main_run):
         assert all(key in m for m in metrics)
     assert metrics[0]["lr"] == pytest.approx(2e-4)  # warm-up of 2: step 1 -> factor 1 once step 2 starts
     val = _lines(main_run / "val.jsonl")
-    assert [v["step"] for v in val] == [2, 3] and val[0]["pairs"] == 4
+    assert [v["step"] for v in val] == [0, 2, 3] and val[0]["pairs"] == 4
     assert 0 <= val[-1]["iou"] <= 1 and val[-1]["corr_err_px"] >= 0
     ck = read_checkpoint(main_run / "last.pth")
     assert ck["step"] == 3 and ck["format"] == "segswap-train"

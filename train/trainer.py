@@ -302,6 +302,8 @@ class Trainer:
         self.step_module.train()
         dev_type = self.device.type
         step = start
+        if d["val_shards"] and start == 0 and int(t["val_every"]) > 0:
+            self._validate(0)  # the untrained model's numbers: the baseline every later validation is read against
         while step < max_steps:
             if miner is not None and miner.due(step - start):
                 stats = miner.refresh(self.model, pool_items, self.device, self.amp_dtype)
