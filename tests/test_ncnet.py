@@ -246,7 +246,7 @@ def test_training_a_tiny_ncnet_reduces_the_loss(shards):
     loss_fn = SegSwapLoss()
     opt = torch.optim.Adam(net.parameters(), lr=3e-2, betas=(0.5, 0.999))
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         terms = loss_fn(net(feat0, feat1), batch, n_pos=n_pos)
         opt.zero_grad()
         terms["total"].backward()
