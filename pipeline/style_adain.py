@@ -73,7 +73,8 @@ class AdainStyliser:
 
     Options: ``adain_weights`` (folder with ``vgg_normalised.pth`` and ``decoder.pth``; required),
     ``style_images`` (folder of paintings; required), ``strength`` ((lo, hi) range of α, default (0, 1)),
-    ``batch_size`` (default 8), ``device`` ("auto", "cpu", "cuda", "cuda:N"; default "auto"),
+    ``batch_size`` (default: 8 on CUDA, 1 on CPU, where batches were ~10% slower per image in
+    ``benchmarks/bench_style.py``: the activations of 480 px images outgrow the caches), ``device`` ("auto", "cpu", "cuda", "cuda:N"; default "auto"),
     ``style_size`` (shorter side of the paintings, default 512).
     """
 
@@ -81,7 +82,7 @@ class AdainStyliser:
 
     def __init__(self, *, adain_weights: str | os.PathLike | None = None,
                  style_images: str | os.PathLike | None = None, strength=DEFAULT_STRENGTH,
-                 batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", style_size: int = DEFAULT_STYLE_SIZE):
+                 batch_size: int | None = None, device: str = "auto", style_size: int = DEFAULT_STYLE_SIZE):
         if adain_weights is None:
             raise ValueError(f"--style adain needs --adain-weights DIR holding {VGG_FILE} and {DECODER_FILE} "
                              "(the pytorch-AdaIN files, or a decoder from segswap-adain-train)")
@@ -98,9 +99,11 @@ class AdainStyliser:
         if not isinstance(style_size, int) or style_size < 16:
             raise ValueError(f"style_size must be an integer >= 16, got {style_size!r}")
         self.strength = check_strength(strength)
-        self.batch_size = check_batch_size(batch_size)
         self.style_size = style_size
         self.device = resolve_device(device)
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE if self.device.type == "cuda" else 1
+        self.batch_size = check_batch_size(batch_size)
         self.styles = StyleImageFolder(style_images)
         self.model = load_adain(weights_dir / VGG_FILE, weights_dir / DECODER_FILE).to(self.device).eval()
         self.model.to(memory_format=torch.channels_last)
