@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import cv2
 import numpy as np
@@ -351,6 +352,10 @@ def worker_init(_worker_id: int) -> None:
     # Workers decode and warp with numpy/cv2; one thread each keeps 2-core machines responsive.
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the trainer handles them (saves,
+    # then shuts the workers down); a worker dying first would make the last batch fetch fail.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool = True):
