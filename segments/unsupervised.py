@@ -301,7 +301,15 @@ def extract_chunk(items: list[tuple[int, str, str]], features: str, params: Extr
             record.update(status="skipped", reason=err.reason, reason_key=skip_reason_key(err.reason))
             records.append(record)
             continue
-        result = extract_image(rgb, extractor, params, rng_seed=image_seed(seed, index))
+        try:
+            result = extract_image(rgb, extractor, params, rng_seed=image_seed(seed, index))
+        except (cv2.error, ValueError, RuntimeError) as err:
+            # One odd image (an OpenCV corner case, a degenerate aspect ratio) must not sink the job.
+            log.exception("%s: segment extraction failed; skipping the image", path)
+            record.update(status="skipped", reason=f"extraction failed ({type(err).__name__}: {err})",
+                          reason_key="extraction_error")
+            records.append(record)
+            continue
         if not result.segments:
             log.info("%s: no segment passed the filters (rejected: %s)", path, dict(result.rejected) or "none")
         record.update(status="ok", width=result.width, height=result.height, segments=result.segments,

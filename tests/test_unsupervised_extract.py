@@ -170,3 +170,21 @@ def test_option_errors(tmp_path):
         ExtractionParams(min_fill=0.9, max_fill=0.5)
     with pytest.raises(ValueError, match="no image files"):
         run_extraction([], tmp_path / "o.json")
+
+
+def test_an_image_that_breaks_extraction_is_skipped_and_counted(image_folder, tmp_path, monkeypatch):
+    folder, _ = image_folder
+    real = unsup.extract_image
+
+    def fail_on_noise(rgb, *args, **kwargs):
+        if rgb[..., 0].mean() > 100:  # only the grey noise image is this red; the scenes are green
+            raise cv2.error("simulated OpenCV failure")
+        return real(rgb, *args, **kwargs)
+
+    monkeypatch.setattr(unsup, "extract_image", fail_on_noise)
+    files = [folder / "a.png", folder / "noise.png"]
+    out = run_extraction(files, tmp_path / "s.json", images_dir=folder, **OPTS)
+    prov = json.loads(out.read_text())["info"]["provenance"]
+    assert prov["counters"]["skipped_by_reason"] == {"extraction_error": 1}
+    assert prov["skipped"][0]["file_name"] == "noise.png" and "simulated" in prov["skipped"][0]["reason"]
+    assert prov["counters"]["images_ok"] == 1
