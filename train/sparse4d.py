@@ -46,7 +46,10 @@ from torch import nn
 
 SPATIAL_DIMS = 4
 # Bound on the [offsets x points] elements searched at once while building a neighbour map.
-MAP_BUILD_ELEMENTS = 4 * 1024 * 1024
+MAP_BUILD_ELEMENTS = 64 * 1024
+# Pair and point indices are stored as int32: half the memory of the map, which is most of the memory
+# of a sparse NC-Net step (a volume would need 2**31 points to overflow them).
+INDEX_DTYPE = torch.int32
 
 
 def kernel_offsets(kernel_size: int, device=None) -> torch.Tensor:
@@ -119,12 +122,12 @@ class NeighbourMap:
 
     num_points: int
     kernel_size: int
-    in_index: torch.Tensor   # [M] int64, grouped by kernel row
-    out_index: torch.Tensor  # [M] int64
+    in_index: torch.Tensor   # [M] int32, grouped by kernel row
+    out_index: torch.Tensor  # [M] int32
     starts: tuple[int, ...]  # K**4 + 1 python ints (so slicing never synchronises a GPU)
-    row_ptr: torch.Tensor    # [N+1] int64
-    in_by_out: torch.Tensor  # [M] int64
-    k_by_out: torch.Tensor   # [M] int64
+    row_ptr: torch.Tensor    # [N+1] int32
+    in_by_out: torch.Tensor  # [M] int32
+    k_by_out: torch.Tensor   # [M] int32
 
     @property
     def num_pairs(self) -> int:
@@ -172,21 +175,25 @@ class NeighbourMap:
         k4 = offsets.shape[0]
         centre = k4 // 2  # offset 0; rows k and k4-1-k are mirror offsets (d and -d)
         strides = _strides(spatial_shape, device)[1:]
-        point_index = torch.arange(n, device=device)
+        point_index = torch.arange(n, device=device, dtype=INDEX_DTYPE)
         # Search the first half of the offsets, several at a time (bounded memory); the rest are mirrors.
         half_in: list[torch.Tensor] = []
         half_out: list[torch.Tensor] = []
         group = max(1, MAP_BUILD_ELEMENTS // max(n, 1))
         for g0 in range(0, centre, group):
             d = offsets[g0:min(centre, g0 + group)]                     # [G, 4]
-            target = coords[None, :, 1:] + d[:, None, :]               # [G, N, 4]
-            inside = ((target >= 0) & (target < bounds)).all(-1)       # [G, N]
+            inside = torch.ones(d.shape[0], n, dtype=torch.bool, device=device)
+            for dim in range(SPATIAL_DIMS):  # one [G, N] plane at a time keeps the transient small
+                moved = coords[None, :, 1 + dim] + d[:, dim, None]
+                inside &= (moved >= 0) & (moved < spatial_shape[dim])
+            del moved
             nkeys = keys[None, :] + (d * strides).sum(1)[:, None]      # [G, N]
             pos = torch.searchsorted(sorted_keys, nkeys.reshape(-1)).clamp_(max=max(n - 1, 0)).view_as(nkeys)
             hit = inside & (sorted_keys[pos] == nkeys) if n else inside
             counts = hit.sum(1).tolist()
             gi, pi = hit.nonzero(as_tuple=True)                        # sorted by offset, then point
-            in_pts = order[pos[gi, pi]]
+            in_pts = order[pos[gi, pi]].to(INDEX_DTYPE)
+            pi = pi.to(INDEX_DTYPE)
             half_in += list(in_pts.split(counts))
             half_out += list(pi.split(counts))
         # Row k < centre: (in, out) as found; centre: identity; row k4-1-k: the mirror (p = q + d <=> q = p - d).
@@ -211,9 +218,11 @@ class NeighbourMap:
         in_by_out = torch.empty_like(in_index)
         in_by_out[slot] = in_index
         k_by_out = torch.empty_like(in_index)
-        k_by_out[slot] = torch.repeat_interleave(torch.arange(k4, device=device), torch.tensor(counts, device=device))
+        k_by_out[slot] = torch.repeat_interleave(torch.arange(k4, device=device, dtype=INDEX_DTYPE),
+                                                 torch.tensor(counts, device=device))
+        del slot, fill
         return cls(num_points=n, kernel_size=kernel_size, in_index=in_index, out_index=out_index,
-                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr, in_by_out=in_by_out, k_by_out=k_by_out)
+                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr.to(INDEX_DTYPE), in_by_out=in_by_out, k_by_out=k_by_out)
 
 
 def _use_gather(nmap: NeighbourMap, c_in: int, c_out: int) -> bool:
@@ -229,7 +238,7 @@ def _conv_gather(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> t
     if c_in == 1:
         cols, row_ptr = nmap.k_by_out, nmap.row_ptr
     else:
-        cols = (nmap.k_by_out[:, None] * c_in + torch.arange(c_in, device=x.device)).reshape(-1)
+        cols = (nmap.k_by_out[:, None] * c_in + torch.arange(c_in, device=x.device, dtype=INDEX_DTYPE)).reshape(-1)
         row_ptr = nmap.row_ptr * c_in
     with warnings.catch_warnings():
         # torch labels CSR "beta"; the two operations used here (construction, CSR @ dense) are tested
@@ -243,7 +252,7 @@ def _conv_transform(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -
     """out[p] = sum_k Y[p + d_k, k] with Y = x @ [W_0 .. W_K4-1]: one dense GEMM, one gather, one scatter-add."""
     k4, c_in, c_out = weight.shape
     y = (x @ weight.permute(1, 0, 2).reshape(c_in, k4 * c_out)).reshape(-1, c_out)
-    rows = nmap.in_index * k4 + nmap.kernel_rows()
+    rows = nmap.in_index.long() * k4 + nmap.kernel_rows()
     return x.new_zeros(nmap.num_points, c_out).index_add_(0, nmap.out_index, y.index_select(0, rows))
 
 
@@ -267,7 +276,7 @@ def _kernel_grad(x: torch.Tensor, grad_out: torch.Tensor, nmap: NeighbourMap) ->
     n = nmap.num_points
     if n * k4 * c_out <= nmap.num_pairs * c_in:
         # Scatter grad_out into the [N, K^4*C_out] layout of the transform strategy (each (in, k) is unique).
-        rows = nmap.in_index * k4 + nmap.kernel_rows()
+        rows = nmap.in_index.long() * k4 + nmap.kernel_rows()
         g = grad_out.new_zeros(n * k4, c_out)
         g[rows] = grad_out.index_select(0, nmap.out_index)
         return (x.t() @ g.reshape(n, k4 * c_out)).reshape(c_in, k4, c_out).permute(1, 0, 2).contiguous()
@@ -278,11 +287,11 @@ def _kernel_grad(x: torch.Tensor, grad_out: torch.Tensor, nmap: NeighbourMap) ->
     kk = nmap.kernel_rows()
     local = torch.arange(nmap.num_pairs, device=device) - starts[kk]
     pos = (starts[kk] * c_in + local)[None, :] + torch.arange(c_in, device=device)[:, None] * counts[kk][None, :]
-    cols = torch.empty(nmap.num_pairs * c_in, dtype=torch.int64, device=device)
+    cols = torch.empty(nmap.num_pairs * c_in, dtype=INDEX_DTYPE, device=device)
     cols[pos.reshape(-1)] = nmap.out_index.repeat(c_in)
     values = x.new_empty(nmap.num_pairs * c_in)
     values[pos.reshape(-1)] = x.index_select(0, nmap.in_index).t().reshape(-1)
-    row_ptr = torch.zeros(k4 * c_in + 1, dtype=torch.int64, device=device)
+    row_ptr = torch.zeros(k4 * c_in + 1, dtype=INDEX_DTYPE, device=device)
     row_ptr[1:] = counts.repeat_interleave(c_in).cumsum(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
