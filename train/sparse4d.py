@@ -118,6 +118,8 @@ class NeighbourMap:
     * grouped by output point (CSR rows, kernel row ascending inside a row): ``row_ptr`` [N+1],
       ``in_by_out`` [M], ``k_by_out`` [M]. This is the sparsity pattern of the "im2col" matrix
       G[p, k] = x[p + d_k] used by the gather strategy.
+
+    ``in_rows`` (grouped by kernel row) indexes the [N*K^4, C] layout of the transform strategy.
     """
 
     num_points: int
@@ -128,6 +130,7 @@ class NeighbourMap:
     row_ptr: torch.Tensor    # [N+1] int32
     in_by_out: torch.Tensor  # [M] int32
     k_by_out: torch.Tensor   # [M] int32
+    in_rows: torch.Tensor    # [M] int32 in_index * K^4 + k: row of the [N*K^4, C] layout of the transform strategy
 
     @property
     def num_pairs(self) -> int:
@@ -221,8 +224,11 @@ class NeighbourMap:
         k_by_out[slot] = torch.repeat_interleave(torch.arange(k4, device=device, dtype=INDEX_DTYPE),
                                                  torch.tensor(counts, device=device))
         del slot, fill
+        in_rows = in_index * k4 + torch.repeat_interleave(torch.arange(k4, device=device, dtype=INDEX_DTYPE),
+                                                          torch.tensor(counts, device=device))
         return cls(num_points=n, kernel_size=kernel_size, in_index=in_index, out_index=out_index,
-                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr.to(INDEX_DTYPE), in_by_out=in_by_out, k_by_out=k_by_out)
+                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr.to(INDEX_DTYPE), in_by_out=in_by_out, k_by_out=k_by_out,
+                   in_rows=in_rows)
 
 
 def _use_gather(nmap: NeighbourMap, c_in: int, c_out: int) -> bool:
@@ -252,8 +258,7 @@ def _conv_transform(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -
     """out[p] = sum_k Y[p + d_k, k] with Y = x @ [W_0 .. W_K4-1]: one dense GEMM, one gather, one scatter-add."""
     k4, c_in, c_out = weight.shape
     y = (x @ weight.permute(1, 0, 2).reshape(c_in, k4 * c_out)).reshape(-1, c_out)
-    rows = nmap.in_index.long() * k4 + nmap.kernel_rows()
-    return x.new_zeros(nmap.num_points, c_out).index_add_(0, nmap.out_index, y.index_select(0, rows))
+    return x.new_zeros(nmap.num_points, c_out).index_add_(0, nmap.out_index, y.index_select(0, nmap.in_rows))
 
 
 def _conv_values(x: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
@@ -276,12 +281,18 @@ def _kernel_grad(x: torch.Tensor, grad_out: torch.Tensor, nmap: NeighbourMap) ->
     n = nmap.num_points
     if n * k4 * c_out <= nmap.num_pairs * c_in:
         # Scatter grad_out into the [N, K^4*C_out] layout of the transform strategy (each (in, k) is unique).
-        rows = nmap.in_index.long() * k4 + nmap.kernel_rows()
         g = grad_out.new_zeros(n * k4, c_out)
-        g[rows] = grad_out.index_select(0, nmap.out_index)
+        g[nmap.in_rows] = grad_out.index_select(0, nmap.out_index)
         return (x.t() @ g.reshape(n, k4 * c_out)).reshape(c_in, k4, c_out).permute(1, 0, 2).contiguous()
     # G^T as CSR with rows (k, c): the grouped-by-kernel-row pair order is already sorted by k.
     device = x.device
+    if c_in == 1:  # rows are the kernel rows themselves: the grouped order is the CSR order
+        row_ptr = torch.tensor(nmap.starts, dtype=INDEX_DTYPE, device=device)
+        values = x.index_select(0, nmap.in_index).reshape(-1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            gt = torch.sparse_csr_tensor(row_ptr, nmap.out_index, values, (k4, n), check_invariants=False)
+        return (gt @ grad_out).reshape(k4, 1, c_out)
     starts = torch.tensor(nmap.starts, device=device)
     counts = starts.diff()
     kk = nmap.kernel_rows()
