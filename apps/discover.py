@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -117,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file
+        print(f"segswap-discover: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     from segswap.apps.cli_common import load
     from segswap.apps.collection import Collection
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from segswap.apps.cli_common import Progress, load, model_parser, setup_logging, table, write_json
 
@@ -109,7 +110,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     runner = {"brueghel": run_brueghel, "pitts": run_placerec, "tokyo": run_placerec, "internet": run_internet}
-    res, text = runner[args.benchmark](args)
+    try:
+        res, text = runner[args.benchmark](args)
+    except (FileNotFoundError, ValueError) as e:  # dataset problems: the message names the file
+        print(f"segswap-eval {args.benchmark}: error: {e}", file=sys.stderr)
+        return 2
     write_json(args.out, res)
     print(text)
     print(f"results -> {args.out}")
