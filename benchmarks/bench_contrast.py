@@ -74,30 +74,33 @@ def step_overhead(reps: int, grid: int, n_pos: int, n_neg: int, model: str, devi
         return step, contrast
 
     steps = {False: make(False), True: make(True)}
+    def timed(step) -> tuple[float, float]:
+        """(wall, CPU) seconds of one step. On a shared CPU the process's CPU time is the steadier figure."""
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
     times = {False: [], True: []}
     for _ in range(2):  # warm-up, and the queue fills a little as it would in training
         for k in (False, True):
             steps[k][0]()
     for _ in range(reps):
         for k in (False, True):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            steps[k][0]()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed(steps[k][0]))
     # The same step once the queues are full (largest contrast set: 2 classes x 2 queues x queue_size).
     contrast = steps[True][1]
     for kind in ("pixel", "region"):
         getattr(contrast, f"{kind}_count").fill_(contrast.queue_size)
-    full = []
-    for _ in range(max(2, reps // 2)):
-        t0 = time.perf_counter()
-        steps[True][0]()
-        full.append(time.perf_counter() - t0)
-    return {"plain": statistics.median(times[False]), "contrast": statistics.median(times[True]),
-            "contrast_full_queue": statistics.median(full)}
+    full = [timed(steps[True][0]) for _ in range(max(2, reps // 2))]
+
+    def median(rows, i):
+        return statistics.median(r[i] for r in rows)
+    return {name: (median(rows, 0), median(rows, 1))
+            for name, rows in (("plain", times[False]), ("contrast", times[True]), ("contrast_full_queue", full))}
 
 
 def train_run(out: str, shards: str, val_shards: str, steps: int, common: list[str], extra: list[str]) -> dict:
@@ -153,10 +156,11 @@ def main(argv=None) -> int:
         print(f"\n[1] step overhead: '{args.overhead_model}' head, {n_pos}+{n_neg} pairs, {grid}x{grid} grid, "
               f"backbone excluded, "
               f"median of {args.reps}")
-        print(f"  plain step                    {o['plain'] * 1000:8.1f} ms")
-        print(f"  + contrast (filling queues)   {o['contrast'] * 1000:8.1f} ms   x{o['contrast'] / o['plain']:.2f}")
-        print(f"  + contrast (full queues)      {o['contrast_full_queue'] * 1000:8.1f} ms   "
-              f"x{o['contrast_full_queue'] / o['plain']:.2f}")
+        print(f"  {'':30s} {'wall ms':>9s} {'ratio':>6s} {'CPU ms':>9s} {'ratio':>6s}")
+        for name, label in (("plain", "plain step"), ("contrast", "+ contrast (filling queues)"),
+                            ("contrast_full_queue", "+ contrast (full queues)")):
+            (wall, cpu), (wall0, cpu0) = o[name], o["plain"]
+            print(f"  {label:30s} {wall * 1000:9.1f} {wall / wall0:6.2f} {cpu * 1000:9.1f} {cpu / cpu0:6.2f}")
 
     if not args.skip_ablation:
         work = args.workdir or tempfile.mkdtemp(prefix="bench_contrast_")
