@@ -3,8 +3,8 @@
 Used by discovery and co-segmentation. The work folder holds:
 
 - ``collection.json``: the image list, evaluation size and model tag; a resumed job must match it;
-- ``scores/NNNNNN.npy``: row i of the Eq. 3 score matrix (image i as query, whole image as region,
-  float32, NaN where not scored);
+- ``scores/NNNNNN.npz``: row i of the Eq. 3 scores (image i as query, whole image as region):
+  ``idx`` (targets scored) and ``score``;
 - ``pairs/AAAAAA_BBBBBB.npz``: head outputs for the unordered pair (a < b): ``mask0 mask1 flow01
   flow10`` as float16 (npz of plain arrays, read back with ``allow_pickle=False``).
 
@@ -25,13 +25,6 @@ from segswap.apps.graph import PairPredictions
 from segswap.apps.pairs import HEAD_KEYS, run_head, score_query
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _atomic_save_npz(path: str, **arrays) -> None:
@@ -75,40 +68,56 @@ class Collection:
             out.append(torch.nn.functional.normalize(f.mean((2, 3)), dim=1).cpu())
         return torch.cat(out)
 
-    def score_matrix(self, candidates: int = 0) -> np.ndarray:
-        """[N, N] Eq. 3 scores (row = query). With ``candidates`` > 0 each image is scored only against
-        its nearest images by mean-pooled feature cosine (others stay NaN)."""
+    def score_rows(self, candidates: int = 0):
+        """Yield (i, target indices, Eq. 3 scores) for every image i as query (whole image as region).
+
+        With ``candidates`` > 0 each image is scored only against its nearest images by mean-pooled
+        feature cosine. Rows are cached as ``scores/NNNNNN.npz`` (``idx`` int32, ``score`` float32), so
+        memory and disk grow with N x candidates, not N^2, and a restarted job skips finished rows.
+        """
         n = len(self.paths)
         cand = None
         if 0 < candidates < n - 1:
             g = self._global_descriptors()
-            sim = g @ g.T
-            sim.fill_diagonal_(-2)
-            cand = torch.topk(sim, candidates, dim=1).indices.numpy()
-        rows = np.full((n, n), np.nan, np.float32)
+            cand = np.empty((n, candidates), np.int64)
+            for s in range(0, n, 4096):  # blockwise: never an N x N similarity matrix
+                sim = g[s:s + 4096] @ g.T
+                sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -2
+                cand[s:s + 4096] = torch.topk(sim, candidates, dim=1).indices.numpy()
         last = time.time()
         for i in range(n):
-            p = os.path.join(self.workdir, "scores", f"{i:06d}.npy")
+            p = os.path.join(self.workdir, "scores", f"{i:06d}.npz")
             if os.path.exists(p):
                 try:
-                    rows[i] = np.load(p, allow_pickle=False)
+                    with np.load(p, allow_pickle=False) as z:
+                        yield i, z["idx"].astype(np.int64), z["score"]
                     continue
-                except (ValueError, OSError):
+                except (ValueError, OSError, KeyError):
                     log.warning("%s unreadable; recomputing", p)
-            targets = [j for j in (range(n) if cand is None else cand[i]) if j != i]
+            targets = np.array([j for j in (range(n) if cand is None else cand[i]) if j != i], np.int64)
             q = self.feats([i])[0]
-            row = np.full(n, np.nan, np.float32)
+            row = []
             for s in range(0, len(targets), self.chunk):
                 t = targets[s:s + self.chunk]
                 sc, _ = score_query(self.model, q, torch.ones(q.shape[1:], device=q.device), self.feats(t),
                                     self.batch_size)
-                row[t] = sc.cpu().numpy()
-            _atomic_save_npy(p, row)
-            rows[i] = row
+                row.append(sc.cpu().numpy().astype(np.float32))
+            row = np.concatenate(row) if row else np.zeros(0, np.float32)
+            _atomic_save_npz(p, idx=targets.astype(np.int32), score=row)
+            yield i, targets, row
             if time.time() - last > self.log_every:
                 log.info("scored %d / %d images", i + 1, n)
                 last = time.time()
-        return rows
+
+    def neighbour_pairs(self, k: int, candidates: int = 0) -> np.ndarray:
+        """Unordered pairs (i, j), j among the ``k`` best-scored images of i."""
+        out = []
+        for i, idx, score in self.score_rows(candidates):
+            best = idx[np.argsort(-score, kind="stable")[:k]]
+            out.append(np.column_stack([np.full(len(best), i), best]))
+        if not out:
+            return np.zeros((0, 2), np.int64)
+        return np.unique(np.sort(np.concatenate(out), axis=1), axis=0)
 
     def pair_predictions(self, pairs: np.ndarray) -> PairPredictions:
         """Head outputs for the unordered ``pairs`` [P, 2], computed for those not cached yet."""
@@ -137,7 +146,8 @@ class Collection:
 
 
 def top_pairs(scores: np.ndarray, k: int) -> np.ndarray:
-    """Unordered pairs (i, j) where j is among i's ``k`` best-scored images (NaN scores never chosen)."""
+    """Unordered pairs (i, j) where j is among i's ``k`` best-scored images in a dense [N, N] score
+    matrix (NaN scores never chosen); ``Collection.neighbour_pairs`` is the streaming equivalent."""
     s = np.where(np.isnan(scores), -np.inf, scores).astype(np.float64)
     np.fill_diagonal(s, -np.inf)
     k = min(k, s.shape[1] - 1)

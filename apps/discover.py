@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from segswap.apps.cli_common import log, model_parser, setup_logging, write_json
-from segswap.apps.collection import Collection, closing_pairs, top_pairs
+from segswap.apps.collection import Collection, closing_pairs
 from segswap.apps.graph import build_graph, extract_vertices
 from segswap.apps.images import list_images
 from segswap.apps.sheets import write_sheet
@@ -49,9 +49,8 @@ def collection_graph(coll: Collection, *, top_k: int, threshold: float, sigma: f
                      candidates: int = 0, third_pairs: bool = True):
     """Steps 2-4: returns (vertices, adjacency, pair predictions, stats)."""
     t = time.time()
-    scores = coll.score_matrix(candidates)
+    graph_pairs = coll.neighbour_pairs(top_k, candidates)
     stats = {"seconds_scores": round(time.time() - t, 2)}
-    graph_pairs = top_pairs(scores, top_k)
     need = np.concatenate([graph_pairs, closing_pairs(graph_pairs)]) if third_pairs else graph_pairs
     t = time.time()
     preds = coll.pair_predictions(need)

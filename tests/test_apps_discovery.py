@@ -125,3 +125,20 @@ def test_eval_brueghel_cli_writes_json_and_table(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text())["map"] == pytest.approx(1.0)
     text = capsys.readouterr().out
     assert "AP SegSwap" in text and "mean" in text
+
+
+def test_candidate_prefilter_scores_fewer_pairs_and_finds_the_same_neighbours(tmp_path):
+    from segswap.apps.collection import Collection
+
+    folder = str(tmp_path / "imgs")
+    _collection(folder, np.random.default_rng(6), n_with=3, n_without=3, masks=False)
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jpg"))
+    model = ToyMatcher()
+    full = Collection(model, paths, (128, 128), str(tmp_path / "w1"), FeatureCache(model)).neighbour_pairs(1)
+    heads = model.calls["head"]
+    pre = Collection(model, paths, (128, 128), str(tmp_path / "w2"), FeatureCache(model)).neighbour_pairs(1, 2)
+    assert model.calls["head"] - heads < heads
+    with_detail = {tuple(p) for p in full.tolist() if max(p) < 3}
+    assert with_detail and with_detail <= {tuple(p) for p in pre.tolist()}
+    with pytest.raises(ValueError, match="another image list"):
+        Collection(model, paths[:3], (128, 128), str(tmp_path / "w1"), FeatureCache(model))
