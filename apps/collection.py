@@ -145,6 +145,32 @@ class Collection:
         return PairPredictions(pairs, *(np.stack(arrays[key]) for key in HEAD_KEYS))
 
 
+def usable_images(cache: FeatureCache, paths: list[str], size: tuple[int, int], chunk: int = 64):
+    """Compute (and cache) every image's features; returns (usable paths, messages of the unusable ones).
+
+    A batch job over a user's collection must not die on one corrupt file: a failing chunk is retried
+    image by image and the bad files are reported and left out.
+    """
+    from segswap.apps.images import BadImage
+
+    good, bad = [], []
+    for s in range(0, len(paths), chunk):
+        part = paths[s:s + chunk]
+        try:
+            cache.get_many(part, size)
+            good.extend(part)
+            continue
+        except BadImage:
+            pass
+        for p in part:
+            try:
+                cache.get_many([p], size)
+                good.append(p)
+            except BadImage as e:
+                bad.append(str(e))
+    return good, bad
+
+
 def top_pairs(scores: np.ndarray, k: int) -> np.ndarray:
     """Unordered pairs (i, j) where j is among i's ``k`` best-scored images in a dense [N, N] score
     matrix (NaN scores never chosen); ``Collection.neighbour_pairs`` is the streaming equivalent."""

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from segswap.apps.cli_common import log, model_parser, setup_logging, write_json
-from segswap.apps.collection import Collection, closing_pairs
+from segswap.apps.collection import Collection, closing_pairs, usable_images
 from segswap.apps.graph import build_graph, extract_vertices
 from segswap.apps.images import list_images
 from segswap.apps.sheets import write_sheet
@@ -126,7 +126,6 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from segswap.apps.cli_common import load
-    from segswap.apps.collection import Collection
 
     paths = read_image_arg(args.images)
     if len(paths) < 3:
@@ -137,6 +136,11 @@ def run(args) -> int:
         cache.cache_dir = os.path.join(args.out, "work", "features")
         os.makedirs(cache.cache_dir, exist_ok=True)
     size = (args.size, args.size)
+    paths, bad = usable_images(cache, paths, size)
+    for msg in bad:
+        log.warning("skipped: %s", msg)
+    if len(paths) < 3:
+        raise ValueError(f"{args.images}: fewer than 3 readable images ({len(bad)} unreadable)")
     coll = Collection(model, paths, size, os.path.join(args.out, "work"), cache, batch_size=args.batch_size)
     verts, adj, preds, stats = collection_graph(coll, top_k=args.top_k, threshold=args.threshold, sigma=args.sigma,
                                                 min_weight=args.min_weight, candidates=args.candidates,
@@ -167,7 +171,8 @@ def run(args) -> int:
         write_sheet(os.path.join(args.out, c["sheet"]), c["regions"], by_name)
     config = {k: v for k, v in vars(args).items() if k not in ("log_level",)}
     write_json(os.path.join(args.out, "clusters.json"),
-               {"config": config, "stats": stats, "n_images": len(paths), "clusters": clusters})
+               {"config": config, "stats": stats, "n_images": len(paths), "skipped_images": bad,
+                "clusters": clusters})
     print(f"{len(paths)} images, {stats['vertices']} correspondences, {stats['edges']} edges, "
           f"{len(clusters)} clusters spanning >= {args.min_images} images -> {args.out}/clusters.json")
     for c in clusters[:10]:

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from segswap.apps.collection import Collection
+from segswap.apps.collection import Collection, usable_images
 from segswap.apps.coseg import foreground_potentials, grabcut_mask
 from segswap.apps.discover import collection_graph
 from segswap.apps.images import IMAGE_EXTENSIONS, BadImage, list_images, read_rgb
@@ -59,14 +59,17 @@ def find_mask(folder: str, image: str, masks_dir: str) -> str | None:
 def evaluate_class(model, folder: str, cache, workdir: str, *, size: int = DEFAULT_SIZE, top_k: int = 5,
                    threshold: float = DEFAULT_THRESHOLD, sigma: float = DEFAULT_SIGMA, min_weight: float = 0.01,
                    masks_dir: str = "GroundTruth", batch_size: int = 16, save_masks: str | None = None) -> dict:
-    names = list_images(folder)
-    paths = [os.path.join(folder, n) for n in names]
+    good, bad = usable_images(cache, [os.path.join(folder, n) for n in list_images(folder)], (size, size))
+    for msg in bad:
+        log.warning("skipped: %s", msg)
+    names = [os.path.basename(p) for p in good]
+    paths = good
     coll = Collection(model, paths, (size, size), workdir, cache, batch_size=batch_size)
     verts, adj, preds, stats = collection_graph(coll, top_k=top_k, threshold=threshold, sigma=sigma,
                                                 min_weight=min_weight)
     eig = first_eigenvector(adj) if len(verts) else np.zeros(0)
     pots = foreground_potentials(verts, eig, len(paths), preds.grid)
-    ps, js, skipped = [], [], {"no_mask": 0, "bad_mask": 0, "empty_mask_for_J": 0}
+    ps, js, skipped = [], [], {"no_mask": 0, "bad_mask": 0, "empty_mask_for_J": 0, "bad_image": len(bad)}
     for i, name in enumerate(names):
         mpath = find_mask(folder, name, masks_dir)
         img = read_rgb(paths[i])

@@ -68,6 +68,7 @@ def test_discover_cli_finds_the_repeated_detail_and_resumes(tmp_path, monkeypatc
     from segswap.apps import discover
 
     _collection(str(tmp_path / "imgs"), np.random.default_rng(3), masks=False)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     model = ToyMatcher()
     monkeypatch.setattr(cli_common, "load", _toy_load(model))
     out = tmp_path / "out"
@@ -75,6 +76,7 @@ def test_discover_cli_finds_the_repeated_detail_and_resumes(tmp_path, monkeypatc
             "--n-eig", "4", "--clusters", "3", "--sheets", "2"]
     assert discover.main(argv) == 0
     res = json.loads((out / "clusters.json").read_text())
+    assert len(res["skipped_images"]) == 1 and "broken.jpg" in res["skipped_images"][0]
     top = res["clusters"][0]
     assert {r["image"] for r in top["regions"]} == {f"im{i}.jpg" for i in range(4)}
     for r in top["regions"]:                    # boxes in original pixels, around the pasted detail
