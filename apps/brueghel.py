@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from segswap.apps.collection import usable_images
 from segswap.apps.features_cache import FeatureCache
 from segswap.apps.images import list_images, read_rgb, resize_rgb
 from segswap.apps.metrics import average_precision
@@ -150,10 +151,19 @@ def evaluate(model, labels: list[BrueghelQuery], image_dir: str, cache: FeatureC
     if missing:
         raise LabelFileError(f"{image_dir}: {len(missing)} images named in the label file are missing, "
                              f"e.g. {missing[:3]}")
-    paths = [os.path.join(image_dir, n) for n in names]
+    # Every database image's features once, up front; unreadable images leave the database (reported).
+    good, bad = usable_images(cache, [os.path.join(image_dir, n) for n in names], (size, size))
+    for msg in bad:
+        log.warning("skipped: %s", msg)
+    names = [os.path.basename(p) for p in good]
+    index = {n: i for i, n in enumerate(names)}
+    paths = good
     dev = cache.device
-    per_query = []
+    per_query, skipped_queries = [], []
     for qi, q in enumerate(labels):
+        if q.image not in index:
+            skipped_queries.append(q.image)
+            continue
         crop, box = preprocess_query(read_rgb(os.path.join(image_dir, q.image)), q.box, query_box_size, size)
         qfeat = cache.compute([crop])[0]
         qmask = box_grid_mask(box, qfeat.shape[1:]).to(dev)
@@ -170,7 +180,7 @@ def evaluate(model, labels: list[BrueghelQuery], image_dir: str, cache: FeatureC
             scores.append(sc.cpu().numpy())
         scores = np.concatenate(scores) if scores else np.zeros(0)
         order = np.concatenate([cand[np.argsort(-scores, kind="stable")], base_order[k:]])
-        gt = set(q.gt) - {q.image}
+        gt = set(q.gt) - {q.image}  # unreadable gt images stay relevant: missing them costs AP
         relevant = np.array([names[db[j]] in gt for j in order])
         base_relevant = np.array([names[db[j]] in gt for j in base_order])
         per_query.append({"category": q.category, "query": q.image, "box": list(q.box),
@@ -179,8 +189,10 @@ def evaluate(model, labels: list[BrueghelQuery], image_dir: str, cache: FeatureC
                           "top10": [names[db[j]] for j in order[:10]]})
         if progress:
             progress(qi + 1, len(labels))
-    return summarise(per_query, {"size": size, "query_box_size": query_box_size, "rerank_topk": rerank_topk,
-                                 "n_database": len(names), "n_queries": len(labels)})
+    res = summarise(per_query, {"size": size, "query_box_size": query_box_size, "rerank_topk": rerank_topk,
+                                "n_database": len(names), "n_queries": len(labels)})
+    res["skipped"] = {"unreadable_images": bad, "queries_on_unreadable_images": skipped_queries}
+    return res
 
 
 def summarise(per_query: list[dict], config: dict) -> dict:

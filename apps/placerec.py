@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from segswap.apps.brueghel import LabelFileError
+from segswap.apps.collection import usable_images
 from segswap.apps.features_cache import FeatureCache
+from segswap.apps.images import BadImage
 from segswap.apps.metrics import recall_at_n
 from segswap.apps.pairs import score_query
 
@@ -129,15 +131,28 @@ def evaluate(model, queries: list[str], db: list[str], root: str, candidates: li
              chunk: int = 50, ns=(1, 5, 10), progress=None) -> dict:
     """Re-rank every query's candidates and compute Recall@N before and after (module docstring)."""
     base_d, ours_d, per_query = [], [], []
+    skipped = {"unreadable_queries": [], "unreadable_candidates": set()}
     for qi, qname in enumerate(queries):
         cand = candidates[qi]
-        qfeat = cache.compute_path(os.path.join(root, qname), size)
+        try:
+            qfeat = cache.compute_path(os.path.join(root, qname), size)
+        except BadImage as e:  # counted, and left out of the recalls
+            log.warning("skipped query: %s", e)
+            skipped["unreadable_queries"].append(qname)
+            continue
         qmask = torch.ones(qfeat.shape[1:], device=qfeat.device)
         scores = []
         for s in range(0, len(cand), chunk):
-            feats = cache.get_many([os.path.join(root, db[j]) for j in cand[s:s + chunk]], size)
-            sc, _ = score_query(model, qfeat, qmask, feats, batch_size)
-            scores.append(sc.cpu().numpy())
+            part = cand[s:s + chunk]
+            ok, _ = usable_images(cache, [os.path.join(root, db[j]) for j in part], size)
+            ok = set(ok)
+            sc = np.full(len(part), -np.inf, np.float32)  # an unreadable candidate goes last
+            keep = [k for k, j in enumerate(part) if os.path.join(root, db[j]) in ok]
+            skipped["unreadable_candidates"].update(db[j] for k, j in enumerate(part) if k not in keep)
+            if keep:
+                feats = cache.get_many([os.path.join(root, db[part[k]]) for k in keep], size)
+                sc[keep] = score_query(model, qfeat, qmask, feats, batch_size)[0].cpu().numpy()
+            scores.append(sc)
         scores = np.concatenate(scores)
         reranked = cand[np.argsort(-scores, kind="stable")]
         b, o = spatial_nms(cand, views_per_place), spatial_nms(reranked, views_per_place)
@@ -148,8 +163,10 @@ def evaluate(model, queries: list[str], db: list[str], root: str, candidates: li
         if progress:
             progress(qi + 1, len(queries))
     return {"protocol": dataset, "config": {"size": list(size), "dist_m": dist, "views_per_place": views_per_place,
-                                            "topk": int(max(len(c) for c in candidates)), "n_queries": len(queries),
+                                            "topk": int(max(len(c) for c in candidates)), "n_queries": len(per_query),
                                             "n_database": len(db)},
             "recall_input": {f"R@{n}": v for n, v in recall_at_n(base_d, dist, ns).items()},
             "recall": {f"R@{n}": v for n, v in recall_at_n(ours_d, dist, ns).items()},
-            "per_query": per_query}
+            "per_query": per_query,
+            "skipped": {"unreadable_queries": skipped["unreadable_queries"],
+                        "unreadable_candidates": sorted(skipped["unreadable_candidates"])}}

@@ -138,9 +138,12 @@ def test_place_recognition_reranking_end_to_end(tmp_path):
     assert thr == 25
     cands = placerec.read_candidates(str(tmp_path / "NetVLAD_predictions.txt"), q, d, root, topk=100)
     assert [c.tolist() for c in cands] == [order[0], order[1]]
+    with open(os.path.join(root, d[6]), "wb") as f:   # a corrupt database image: ranked last, reported
+        f.write(b"\x89PNG truncated")
     model = ToyMatcher()
     res = placerec.evaluate(model, q, d, root, cands, utm_q, utm_db, FeatureCache(model), dataset="pitts",
                             size=(96, 64), dist=thr)
+    assert res["skipped"]["unreadable_candidates"] == [d[6]]
     assert res["recall_input"]["R@1"] == 0.0 and res["recall_input"]["R@5"] == 1.0
     assert res["recall"]["R@1"] == 1.0
     assert res["per_query"][0]["top10"][0] == "db/005.png"
