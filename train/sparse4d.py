@@ -112,7 +112,7 @@ def _strides(spatial_shape, device) -> torch.Tensor:
 class NeighbourMap:
     """(input, output) point-index pairs of a submanifold 4D convolution.
 
-    Two orderings of the same M pairs are kept, both built without a sort:
+    Two orderings of the same M pairs are kept, both built without a sort of the pairs:
 
     * grouped by kernel row: ``in_index[starts[k]:starts[k+1]]`` feed ``out_index[...]`` through row k;
     * grouped by output point (CSR rows, kernel row ascending inside a row): ``row_ptr`` [N+1],
@@ -207,28 +207,26 @@ class NeighbourMap:
         in_index = torch.cat(in_groups)
         out_index = torch.cat(out_groups)
 
-        # CSR by output point without sorting: an output point appears at most once per kernel row, so
-        # walking the rows in order and bumping a per-point fill counter gives each pair its slot.
+        # CSR by output point without a sort: (out, k) is unique per pair, so writing each pair's index into
+        # a [N, K^4] table and reading the table's filled cells in row-major order lists the pairs by
+        # output point, kernel row ascending. A few large ops rather than a loop over K^4 rows, which
+        # matters on oversubscribed CPUs where every parallel op waits for a descheduled thread.
+        k_rows = torch.repeat_interleave(torch.arange(k4, device=device, dtype=INDEX_DTYPE),
+                                         torch.tensor(counts, device=device))
+        table = torch.full((n * k4,), -1, dtype=INDEX_DTYPE, device=device)
+        table[out_index.long() * k4 + k_rows] = torch.arange(starts[-1], device=device, dtype=INDEX_DTYPE)
+        filled = table.view(n, k4) >= 0
+        by_out = table.view(n, k4)[filled]
+        del table
         row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)
-        row_ptr[1:] = torch.bincount(out_index, minlength=n).cumsum(0)
-        fill = row_ptr[:-1].clone()
-        slot = torch.empty_like(out_index)
-        for k in range(k4):
-            s, e = starts[k], starts[k + 1]
-            dst = out_index[s:e]
-            slot[s:e] = fill[dst]
-            fill[dst] += 1
-        in_by_out = torch.empty_like(in_index)
-        in_by_out[slot] = in_index
-        k_by_out = torch.empty_like(in_index)
-        k_by_out[slot] = torch.repeat_interleave(torch.arange(k4, device=device, dtype=INDEX_DTYPE),
-                                                 torch.tensor(counts, device=device))
-        del slot, fill
-        in_rows = in_index * k4 + torch.repeat_interleave(torch.arange(k4, device=device, dtype=INDEX_DTYPE),
-                                                          torch.tensor(counts, device=device))
+        row_ptr[1:] = filled.sum(1).cumsum(0)
+        in_by_out = in_index[by_out]
+        k_by_out = k_rows[by_out]
+        del by_out, filled
+        in_rows = in_index * k4 + k_rows
         return cls(num_points=n, kernel_size=kernel_size, in_index=in_index, out_index=out_index,
-                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr.to(INDEX_DTYPE), in_by_out=in_by_out, k_by_out=k_by_out,
-                   in_rows=in_rows)
+                   starts=tuple(int(s) for s in starts), row_ptr=row_ptr.to(INDEX_DTYPE), in_by_out=in_by_out,
+                   k_by_out=k_by_out, in_rows=in_rows)
 
 
 def _use_gather(nmap: NeighbourMap, c_in: int, c_out: int) -> bool:
