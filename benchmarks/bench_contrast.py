@@ -105,9 +105,8 @@ def step_overhead(reps: int, grid: int, n_pos: int, n_neg: int, model: str, devi
 
 def train_run(out: str, shards: str, val_shards: str, steps: int, common: list[str], extra: list[str]) -> dict:
     from segswap.train.cli import main
-    # The trainer's dropout draws from torch's global RNG: give both runs the same global state.
+    # The trainer seeds torch's global RNG (dropout) from --seed; fork it so the runs leave no trace here.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
         t0 = time.perf_counter()
         rc = main(["--shards", shards, "--val-shards", val_shards, "--out", out, "--max-steps", str(steps),
                    "--val-every", str(steps), "--no-resume", *common, *extra])
