@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DENSE_MAX = 1500          # components up to this size are solved densely
 DENSE_BATCH_BYTES = 2**28  # memory for one batch of dense component matrices
+LARGE_PROBE = 8            # leading pairs first computed for a large component (more if it owns them all)
 
 
 def operator(adj: sp.spmatrix, normalise: bool = True, regularise: bool = True) -> sp.csr_matrix:
@@ -126,19 +127,32 @@ def _component_eigenpairs_1(op: sp.csr_matrix, k: int, seed: int) -> tuple[np.nd
         vals = np.linalg.eigvalsh(small.dense(m, ranks))[:, ::-1][:, :k]
         cand_val.append(vals.ravel())
         cand_comp.append(np.repeat(small.comps[ranks], vals.shape[1]))
+    small_val = np.concatenate(cand_val) if cand_val else np.zeros(0)
+    small_comp = np.concatenate(cand_comp) if cand_comp else np.zeros(0, np.int64)
+    # Large components: ARPACK for a few leading pairs first (LARGE_PROBE), more only for a component
+    # whose every computed eigenvalue made the global top k (it may own more of them).
     large_vecs = {}
-    for c in np.flatnonzero(sizes > DENSE_MAX):
+
+    def solve(c, kk):
         idx = order[starts[c]:starts[c + 1]]
-        sub = op[idx][:, idx]
-        kk = min(k, len(idx) - 2)
-        vals, vecs = eigsh(sub, k=kk, which="LA", v0=rng.standard_normal(len(idx)))
+        vals, vecs = eigsh(op[idx][:, idx], k=kk, which="LA", v0=rng.standard_normal(len(idx)))
         srt = np.argsort(-vals)
         large_vecs[int(c)] = (idx, vals[srt], vecs[:, srt])
-        cand_val.append(vals[srt])
-        cand_comp.append(np.full(kk, c))
-    cand_val, cand_comp = np.concatenate(cand_val), np.concatenate(cand_comp)
-    top = np.argsort(-cand_val, kind="stable")[:k]
-    need = np.bincount(cand_comp[top], minlength=n_comp)  # eigenvectors each component contributes
+
+    large = np.flatnonzero(sizes > DENSE_MAX)
+    for c in large:
+        solve(c, min(k, LARGE_PROBE, sizes[c] - 2))
+    while True:
+        vals_l = [large_vecs[int(c)][1] for c in large]
+        cand_val = np.concatenate([small_val, *vals_l])
+        cand_comp = np.concatenate([small_comp, *(np.full(len(v), c) for c, v in zip(large, vals_l))]).astype(np.int64)
+        top = np.argsort(-cand_val, kind="stable")[:k]
+        need = np.bincount(cand_comp[top], minlength=n_comp)  # eigenvectors each component contributes
+        more = [c for c, v in zip(large, vals_l) if need[c] == len(v) < min(k, sizes[c] - 2)]
+        if not more:
+            break
+        for c in more:
+            solve(c, int(min(k, sizes[c] - 2, 2 * need[c])))
     # Pass 2: eigenvectors of the components that own leading eigenvalues.
     vals_out = []
     vecs_out = np.zeros((n, int(need.sum())))

@@ -143,7 +143,12 @@ def test_discovery_recovers_planted_clusters():
     assert adjusted_rand_score(truth[planted], labels[planted]) > 0.95
 
 
-def test_eigen_solvers_agree_and_first_eigenvector_is_positive():
+@pytest.mark.parametrize("dense_max", [1500, 20])  # 20: every component takes the ARPACK path
+def test_eigen_solvers_agree_and_first_eigenvector_is_positive(monkeypatch, dense_max):
+    from segswap.apps import spectral
+
+    monkeypatch.setattr(spectral, "DENSE_MAX", dense_max)
+    monkeypatch.setattr(spectral, "LARGE_PROBE", 1)
     preds, _, _ = make_planted(6, 5, grid=(10, 10), pattern=3, noise_cells=0, seed=2)
     verts = extract_vertices(preds, np.arange(len(preds.pairs)), 0.5)
     adj, _ = build_graph(verts, preds, sigma=1.0)
