@@ -14,7 +14,8 @@ nearly equal leading eigenvalues (every repeated detail is its own component). K
 LOBPCG iterations converge very slowly on such clustered spectra, and multigrid preconditioners do not
 coarsen a union of small cliques. So the default solver (``components``) is exact: it splits the graph
 into components (scipy.sparse.csgraph), computes the eigenvalues of every small component with batched
-dense ``eigvalsh`` (components of equal size in one call), and of large ones with ``eigsh``; selects the
+dense ``eigvalsh`` (components of equal size in one call), and of large ones with ``eigsh`` (8 leading
+pairs first, more only for a component that owns all of them); selects the
 N_eig largest over the whole graph; and computes eigenvectors only for the components that own them.
 The result is the eigen-decomposition of the whole matrix, at a cost linear in the number of vertices
 (measured in ``benchmarks/bench_discovery.py``). ``eigsh`` on the whole matrix stays available.
