@@ -162,6 +162,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--dense-60", action="store_true", help="measure dense at grids > 30 instead of estimating")
+    p.add_argument("--no-dense", action="store_true", help="sparse only (e.g. at a training batch size)")
     p.add_argument("--child", nargs=2, metavar=("KIND", "GRID"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -179,6 +180,8 @@ def main(argv=None):
         sp = run_child("sparse", grid, args)
         print(f"{grid:>5} {'sparse':>7} {sp['points']:>10} {sp['neighbours_per_point']:>7.1f} {sp['map_s']:>7.3f} "
               f"{sp['step_s']:>9.3f} {sp['peak_mb']:>9.1f}")
+        if args.no_dense:
+            continue
         if grid <= 30 or args.dense_60:
             de = run_child("dense", grid, args)
             note = ""
