@@ -35,7 +35,7 @@ import numpy as np
 class GrabCutParams:
     iterations: int = 5  # as in the paper's co-segmentation GrabCut; more changes little (benchmark)
     margin: float = 0.2  # crop margin around the box, fraction of the box's width/height
-    max_side: int = 160  # GrabCut runs on the crop shrunk to this longer side (px)
+    max_side: int = 240  # GrabCut runs on the crop shrunk to this longer side (px)
     min_seed_frac: float = 0.05  # salient pixels needed inside a box to start GrabCut
     largest_component: bool = True
     min_area_frac: float = 0.01
