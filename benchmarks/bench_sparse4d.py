@@ -101,6 +101,8 @@ def child(kind: str, grid: int, args) -> dict:
             out.sum().backward()
         return (lambda: None), step, vol.numel()
 
+    if kind == "layer":
+        return layer_child(grid, args)
     # Warm up every code path (library loading, thread pools, CSR kernels) on a tiny grid, so the
     # memory measured below is the configuration's own and not one-off process growth.
     setup, step, _ = make_step(6)
@@ -136,6 +138,38 @@ def child(kind: str, grid: int, args) -> dict:
     return res
 
 
+def layer_child(grid: int, args) -> dict:
+    """One 3^4 16->16 submanifold layer on the sparse correlation volume: map, forward, backward times."""
+    from segswap.train.ncnet import sparse_correlation
+    from segswap.train.sparse4d import NeighbourMap, SubmanifoldConv4d
+
+    device = args.device
+    layer = SubmanifoldConv4d(16, 16).to(device)
+    f0, f1 = make_features(grid, args.batch, device)
+    coords, _ = sparse_correlation(f0, f1, args.topk)
+    shape = (grid,) * 4
+    NeighbourMap.build(coords[:100], shape, 3)  # warm-up
+    maps, fwd, bwd = [], [], []
+    for _ in range(args.repeat + 1):
+        _sync(device)
+        t = time.perf_counter()
+        nmap = NeighbourMap.build(coords, shape, 3)
+        _sync(device)
+        maps.append(time.perf_counter() - t)
+        x = torch.randn(coords.shape[0], 16, device=device, requires_grad=True)
+        t = time.perf_counter()
+        y = layer(x, nmap)
+        _sync(device)
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        y.sum().backward()
+        _sync(device)
+        bwd.append(time.perf_counter() - t)
+    med = statistics.median
+    return {"kind": "layer", "grid": grid, "points": coords.shape[0], "map_s": med(maps[1:]),
+            "forward_s": med(fwd[1:]), "backward_s": med(bwd[1:])}
+
+
 def run_child(kind: str, grid: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, str(grid), "--device", args.device,
            "--topk", str(args.topk), "--batch", str(args.batch), "--repeat", str(args.repeat),
@@ -163,6 +197,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--dense-60", action="store_true", help="measure dense at grids > 30 instead of estimating")
     p.add_argument("--no-dense", action="store_true", help="sparse only (e.g. at a training batch size)")
+    p.add_argument("--layer", action="store_true", help="also time one 16->16 layer alone (map, forward, backward)")
     p.add_argument("--child", nargs=2, metavar=("KIND", "GRID"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -195,6 +230,12 @@ def main(argv=None):
         print(f"{grid:>5} {'dense':>7} {de['points']:>10} {'':>7} {'':>7} {de['step_s']:>9.3f} {de['peak_mb']:>9.1f}{note}")
         print(f"{grid:>5} {'ratio':>7} {'':>10} {'':>7} {'':>7} {de['step_s'] / sp['step_s']:>8.1f}x "
               f"{de['peak_mb'] / max(sp['peak_mb'], 1e-3):>8.1f}x  dense / sparse")
+    if args.layer:
+        print("one 3^4 16->16 layer (input and weight gradients), median:")
+        for grid in args.grids:
+            r = run_child("layer", grid, args)
+            print(f"{grid:>5} {r['points']:>8} points: map {r['map_s']:.3f} s, forward {r['forward_s']:.3f} s, "
+                  f"backward {r['backward_s']:.3f} s")
     return 0
 
 

@@ -48,7 +48,7 @@ def test_offsets_follow_minkowski_order():
 
 
 @pytest.mark.parametrize("strategy", ["auto", "gather", "transform"])
-@pytest.mark.parametrize("c_in,c_out", [(1, 4), (3, 1), (4, 3)])
+@pytest.mark.parametrize("c_in,c_out", [(1, 4), (3, 1), (4, 3), (8, 1)])  # covers all kernel-gradient paths
 def test_sparse_conv_equals_dense_forward_and_gradients(monkeypatch, strategy, c_in, c_out):
     if strategy != "auto":  # force one of the two computations so both are checked on every shape
         monkeypatch.setattr(sparse4d, "_use_gather", lambda *a: strategy == "gather")

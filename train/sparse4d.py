@@ -282,30 +282,22 @@ def _kernel_grad(x: torch.Tensor, grad_out: torch.Tensor, nmap: NeighbourMap) ->
         g = grad_out.new_zeros(n * k4, c_out)
         g[nmap.in_rows] = grad_out.index_select(0, nmap.out_index)
         return (x.t() @ g.reshape(n, k4 * c_out)).reshape(c_in, k4, c_out).permute(1, 0, 2).contiguous()
-    # G^T as CSR with rows (k, c): the grouped-by-kernel-row pair order is already sorted by k.
     device = x.device
-    if c_in == 1:  # rows are the kernel rows themselves: the grouped order is the CSR order
+    if c_in == 1:  # G^T as CSR: rows are the kernel rows, and the grouped-by-kernel-row order is its CSR order
         row_ptr = torch.tensor(nmap.starts, dtype=INDEX_DTYPE, device=device)
         values = x.index_select(0, nmap.in_index).reshape(-1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             gt = torch.sparse_csr_tensor(row_ptr, nmap.out_index, values, (k4, n), check_invariants=False)
         return (gt @ grad_out).reshape(k4, 1, c_out)
-    starts = torch.tensor(nmap.starts, device=device)
-    counts = starts.diff()
-    kk = nmap.kernel_rows()
-    local = torch.arange(nmap.num_pairs, device=device) - starts[kk]
-    pos = (starts[kk] * c_in + local)[None, :] + torch.arange(c_in, device=device)[:, None] * counts[kk][None, :]
-    cols = torch.empty(nmap.num_pairs * c_in, dtype=INDEX_DTYPE, device=device)
-    cols[pos.reshape(-1)] = nmap.out_index.repeat(c_in)
-    values = x.new_empty(nmap.num_pairs * c_in)
-    values[pos.reshape(-1)] = x.index_select(0, nmap.in_index).t().reshape(-1)
-    row_ptr = torch.zeros(k4 * c_in + 1, dtype=INDEX_DTYPE, device=device)
-    row_ptr[1:] = counts.repeat_interleave(c_in).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        gt = torch.sparse_csr_tensor(row_ptr, cols, values, (k4 * c_in, n), check_invariants=False)
-    return (gt @ grad_out).reshape(k4, c_in, c_out)
+    # Several input channels: one small GEMM per kernel row on gathered slices. (A CSR G^T with rows
+    # (k, c) needs an int64 position array C_in times the pair count to build, which was slower.)
+    grad_w = x.new_zeros(k4, c_in, c_out)
+    for k in range(k4):
+        src, dst = nmap.pairs(k)
+        if src.numel():
+            grad_w[k] = x.index_select(0, src).t() @ grad_out.index_select(0, dst)
+    return grad_w
 
 
 class _SparseConv4dFunction(torch.autograd.Function):
