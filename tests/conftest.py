@@ -5,8 +5,12 @@ loopback only, and shut down at the end. Tests that need it take the `ray_local`
 """
 import os
 
-import numpy as np
-import pytest
+# Before anything loads OpenMP (torch): with the default active waiting, every parallel op stalls
+# when the 2 cores are shared with Ray workers (measured 5-8x slower sparse 4D convolutions).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
