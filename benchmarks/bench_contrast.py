@@ -118,7 +118,9 @@ def train_run(out: str, shards: str, val_shards: str, steps: int, common: list[s
     rates = [m["it_per_s"] for m in metrics if "it_per_s" in m][1:]  # first interval holds start-up
     last = val[-1]
     contrast = [m["loss/contrast"] for m in metrics if "loss/contrast" in m]
+    first = val[0] if val[0]["step"] == 0 and len(val) > 1 else None  # the trainer's untrained baseline
     return {"iou": last["iou"], "corr_err_px": last["corr_err_px"], "neg_mask": last.get("neg_mask"),
+            "untrained": first,
             "it_per_s": statistics.median(rates) if rates else float("nan"), "wall_s": wall,
             "contrast_last": contrast[-1] if contrast else None}
 
@@ -185,6 +187,10 @@ def main(argv=None) -> int:
         print(f"\n[2] ablation: {args.steps} steps, '{args.model}' head, {args.image_size} px, seed {args.seed}, "
               f"batch {args.batch}, shards {source}; held-out {args.val_pairs} pairs")
         print(f"  {'run':34s} {'mask IoU':>9s} {'corr err px':>12s} {'neg mask':>9s} {'it/s':>7s}")
+        if plain["untrained"]:
+            u = plain["untrained"]
+            print(f"  {'untrained (step 0)':34s} {u['iou']:9.3f} {u['corr_err_px']:12.2f} "
+                  f"{u.get('neg_mask', float('nan')):9.3f} {'':>7s}")
         for name, r in (("plain", plain),
                         (f"--pixel-contrast {args.weight} (warm-up {args.contrast_warmup})", withc)):
             neg = f"{r['neg_mask']:.3f}" if r["neg_mask"] is not None else "-"
