@@ -57,6 +57,7 @@ def test_run_directory_has_everything_to_reproduce(main_run):
     val = _lines(main_run / "val.jsonl")
     assert [v["step"] for v in val] == [0, 2, 3] and val[0]["pairs"] == 4
     assert 0 <= val[-1]["iou"] <= 1 and val[-1]["corr_err_px"] >= 0
+    assert 0 < val[-1]["fg_mask"] < 1 and 0 < val[-1]["bg_mask"] < 1
     ck = read_checkpoint(main_run / "last.pth")
     assert ck["step"] == 3 and ck["format"] == "segswap-train"
     model = load_model(main_run / "last.pth")

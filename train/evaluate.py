@@ -9,6 +9,9 @@ correspondence fields, and we report:
 ``corr_err_px``
     the mean distance, in pixels of the input images, between predicted and ground-truth
     correspondences over the cells whose correspondence weight (soft mask x defined) is > 0.5;
+``fg_mask`` / ``bg_mask``
+    the mean predicted mask over ground-truth foreground (> 0.5) / background cells of positive pairs:
+    threshold-free, so they show progress early in training, before masks cross 0.5;
 ``neg_mask``
     the mean predicted mask on negative pairs (image 0 of pair i with image 1 of pair i+1), which
     should be near 0.
@@ -24,19 +27,26 @@ def batch_metrics(out: dict, batch: dict, image_size: int) -> dict:
     """Sums (not means) so batches can be accumulated: iou_sum, n_masks, err_sum, n_cells."""
     iou_sum, n = 0.0, 0
     err_sum, cells = 0.0, 0
+    fg_sum = bg_sum = fg_n = bg_n = 0.0
     scale = torch.tensor([image_size, image_size], dtype=torch.float32, device=out["mask0"].device)
     for i, j in (("0", "1"), ("1", "0")):
         pred = out["mask" + i].float() > 0.5
         gt = batch["mask" + i] > 0.5
         inter = (pred & gt).flatten(1).sum(1).float()
         union = (pred | gt).flatten(1).sum(1).float()
+        prob = out["mask" + i].float()
+        fg_sum += prob[gt].sum().item()
+        bg_sum += prob[~gt].sum().item()
+        fg_n += int(gt.sum())
+        bg_n += int((~gt).sum())
         iou_sum += torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).sum().item()
         n += pred.shape[0]
         sel = batch[f"flow{i}{j}_weight"] > 0.5
         d = ((out[f"flow{i}{j}"].float() - batch[f"flow{i}{j}"]) * scale).norm(dim=-1)
         err_sum += d[sel].sum().item()
         cells += int(sel.sum().item())
-    return {"iou_sum": iou_sum, "n_masks": n, "err_sum": err_sum, "n_cells": cells}
+    return {"iou_sum": iou_sum, "n_masks": n, "err_sum": err_sum, "n_cells": cells,
+            "fg_sum": fg_sum, "fg_n": fg_n, "bg_sum": bg_sum, "bg_n": bg_n}
 
 
 @torch.no_grad()
@@ -47,7 +57,7 @@ def validate(model, urls, image_size: int, max_pairs: int, device, batch_size: i
     loader = make_loader(stream, batch_size=batch_size, workers=workers, drop_last=False)
     was_training = model.training
     model.eval()
-    acc = {"iou_sum": 0.0, "n_masks": 0, "err_sum": 0.0, "n_cells": 0}
+    acc = {"iou_sum": 0.0, "n_masks": 0, "err_sum": 0.0, "n_cells": 0, "fg_sum": 0.0, "fg_n": 0, "bg_sum": 0.0, "bg_n": 0}
     neg_sum, neg_n, pairs, skipped = 0.0, 0, 0, 0
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -68,6 +78,8 @@ def validate(model, urls, image_size: int, max_pairs: int, device, batch_size: i
         "pairs": pairs,
         "iou": acc["iou_sum"] / max(acc["n_masks"], 1),
         "corr_err_px": acc["err_sum"] / max(acc["n_cells"], 1),
+        "fg_mask": acc["fg_sum"] / max(acc["fg_n"], 1),
+        "bg_mask": acc["bg_sum"] / max(acc["bg_n"], 1),
         "neg_mask": neg_sum / max(neg_n, 1),
         "skipped": skipped,
     }

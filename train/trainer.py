@@ -383,8 +383,9 @@ class Trainer:
             m = validate(self.model, self.cfg["data"]["val_shards"], int(self.cfg["data"]["image_size"]),
                          int(t["val_pairs"]), self.device, amp_dtype=self.amp_dtype)
             self.model.train()
-            log.info("validation at step %d on %d pairs: mask IoU %.3f, corr error %.2f px, negative mask %.3f",
-                     step, m["pairs"], m["iou"], m["corr_err_px"], m["neg_mask"])
+            log.info("validation at step %d on %d pairs: mask IoU %.3f, corr error %.2f px, mask on fg/bg %.3f/%.3f, "
+                     "negative mask %.3f", step, m["pairs"], m["iou"], m["corr_err_px"], m["fg_mask"], m["bg_mask"],
+                     m["neg_mask"])
             self._log_json("val.jsonl", {"step": step, **m})
         self._barrier()
 
