@@ -1,13 +1,14 @@
 """Unsupervised segment extraction: quality on images with known masks, and time per stage.
 
-Run: ``python benchmarks/bench_segments.py [--synth N] [--sweep] [--features default,sift,colour]``
+Run: ``python benchmarks/bench_segments.py [--synth N] [--sweep] [--only NAMES] [--features default,sift,sift+colour]``
 
 Quality images (all built from files that ship inside scikit-image's wheel, nothing downloaded):
 
 - ``synth-*``: objects planted on textured backgrounds. Object shapes are random smooth blobs, filled
   with a crop of a photo (astronaut / coffee / chelsea / immunohistochemistry) and placed on a tinted scikit-image
   texture (grass, gravel, brick) or on another photo (coffee); ``*-texture-only`` objects are another
-  texture in the same tint (colour cannot find them). The planted masks are the ground truth.
+  texture in the same tint (no new hue: only texture and brightness distribution differ). The planted
+  masks are the ground truth.
 - ``horse-on-grass``: scikit-image's ``horse`` silhouette filled with the cat photo, on grass.
 - ``horse``: the silhouette itself (black horse on white).
 - ``logo``: the Python logo (the RGBA sample; its alpha channel is the mask) on white and on gravel.
@@ -72,7 +73,7 @@ def quality_images(n_synth=12, size=(240, 320), seed=0):
         if bg_name in textures:  # tint grey textures so colour is not a give-away for every object
             bg = np.clip(bg * tint, 0, 255).astype(np.uint8)
         # Every third image on a texture is "texture-only": the object is another texture in the same
-        # tint, so colour alone cannot find it (fair to gradient features).
+        # tint, so hue is no cue (fair to gradient features).
         texture_only = bg_name in textures and k % 3 == 2
         img = bg.copy()
         masks = []
@@ -156,7 +157,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synth", type=int, default=12, help="synthetic images [default: %(default)s]")
     ap.add_argument("--sweep", action="store_true", help="vary each threshold around the default")
-    ap.add_argument("--features", default="default,sift,colour", help="comma-separated feature specs to compare")
+    ap.add_argument("--features", default="default,sift,sift+colour", help="comma-separated feature specs to compare")
     ap.add_argument("--only", default="", help="comma-separated settings to sweep (default: all)")
     args = ap.parse_args()
     cv2.setNumThreads(1)

@@ -91,10 +91,9 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     if not tiles:
         raise ValueError(f"{json_path}: no drawable images found under {images_dir}")
     rows = []
-    width = max(t.shape[1] for t in tiles)
+    gap = np.full((tiles[0].shape[0], 6, 3), 255, np.uint8)  # tiles share a height; widths follow the photos
     for start in range(0, len(tiles), columns):
-        row = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255)
-               for t in tiles[start:start + columns]]
+        row = [part for t in tiles[start:start + columns] for part in (t, gap)]
         rows.append(np.concatenate(row, axis=1))
     full_width = max(r.shape[1] for r in rows)
     sheet = np.concatenate([np.pad(r, ((0, 4), (0, full_width - r.shape[1]), (0, 0)), constant_values=255)
