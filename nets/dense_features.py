@@ -28,8 +28,8 @@ import numpy as np
 STRIDE = 16
 
 # SIFT's descriptor window is 4 x 4 bins of 1.5 * size px each (OpenCV: SIFT_DESCR_SCL_FCTR = 3 on the
-# half-size), i.e. 6 * size px wide. A 32-px window (two cells, a little context like conv4's receptive
-# field) scored best in the quality benchmark against 16 and 48.
+# half-size), i.e. 6 * size px wide. 32 px = two cells: the cell plus some context, as conv4 features
+# see beyond their cell (not tuned: SIFT is not the default, see DEFAULT_SPEC).
 SIFT_WINDOW_PX = 32
 # RMS gradient (grey levels per pixel) at which a patch counts half as textured, half as flat. JPEG noise
 # and sensor noise are below 1; faint real texture (paper, sky gradients) is around 2-5.
@@ -224,9 +224,9 @@ class MocoConv4Features:
         return feat.permute(1, 2, 0).float().cpu().numpy()
 
 
-# Chosen by benchmarks/bench_segments.py (mean best-segment IoU on images with known masks, 17 objects):
-# colour 0.55, sift+colour weighted 1:3 0.54, 1:1 0.46, sift 0.44. Global SIFT saliency favours strongly
-# structured texture (brick joints) over isotropic objects, and GrabCut separates by colour anyway.
+# Chosen by benchmarks/bench_segments.py (mean best-segment IoU over 16 known objects, default settings):
+# colour 0.720, sift+colour 0.449, sift 0.446. Global SIFT saliency favours strongly structured texture
+# (brick joints, grass blades) over isotropic objects, and GrabCut separates by colour anyway.
 DEFAULT_SPEC = "colour"
 WEIGHT_FREE = {
     "sift": DenseSiftFeatures,
