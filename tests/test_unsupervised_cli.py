@@ -56,3 +56,24 @@ def test_cli_errors(tmp_path, capsys):
     assert "no image files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--out", str(tmp_path / "s.json"), "--box-quantile", "high"])
+
+
+def test_without_images_the_embedded_corpus_is_written_next_to_the_output(tmp_path, monkeypatch):
+    import segswap.segments.embedded as embedded
+
+    written = []
+
+    def small_corpus(dest_dir):  # stands in for the 15 scikit-image photos (slow to segment in a test)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        path = dest_dir / "scene.png"
+        cv2.imwrite(str(path), planted_scene(4)[0][..., ::-1])
+        written.append(dest_dir)
+        return [path]
+
+    monkeypatch.setattr(embedded, "embedded_images", small_corpus)
+    out = tmp_path / "demo" / "segments.json"
+    assert main(["--out", str(out), "--max-boxes", "4"]) == 0
+    assert written == [tmp_path / "demo" / "embedded-images"]
+    coco = json.loads(out.read_text())
+    assert [im["file_name"] for im in coco["images"]] == ["scene.png"]
+    assert coco["info"]["provenance"]["images_dir"] == str(written[0].resolve())
