@@ -96,3 +96,9 @@ def test_resampled_stream_is_deterministic_per_seed(tmp_path):
     assert all(np.array_equal(x["img1"], y["img1"]) for x, y in zip(a, b))
     assert [x["key"] for x in a] != [x["key"] for x in c] or not all(
         np.array_equal(x["img1"], y["img1"]) for x, y in zip(a, c))
+
+
+def test_pipe_urls_stream(tmp_path):
+    url = write_synthetic_shards(tmp_path, n_shards=1, pairs_per_shard=2, size=64)
+    items = list(ShardStream(f"pipe:cat {url}", no_augment(64), resampled=False))
+    assert [it["key"] for it in items] == ["000000-000000", "000000-000001"]
