@@ -366,7 +366,7 @@ class Trainer:
                 self.save(step, periodic=True)
             if d["val_shards"] and int(t["val_every"]) > 0 and step % int(t["val_every"]) == 0:
                 self._validate(step)
-        self.save(step)
+        self.save(step, periodic=int(t["ckpt_every"]) > 0 and step % int(t["ckpt_every"]) == 0)
         if self.stop_signal:
             self._barrier()
             log.warning("stopped by signal at step %d; rerun the same command to resume", step)
