@@ -283,3 +283,23 @@ def test_contrast_term_is_logged_and_checkpointed(tmp_path, tiny_shards):
     state = ck["contrast"]["loss"]
     assert state["pixel_queue"].shape[1] == 64 and state["pixel_count"].sum() > 0
     assert ck["contrast"]["head"]
+
+
+def test_negative_pairs_take_part_as_background(tmp_path, tiny_shards, monkeypatch):
+    """The trainer hands the loss every pair of the step; negatives come with all-zero labels."""
+    from segswap.train.pixel_contrast import PixelContrastLoss
+
+    seen = []
+    original = PixelContrastLoss.forward
+
+    def spy(self, emb0, emb1, gt0, gt1, pred0, pred1, generator):
+        seen.append((emb0.shape[0], gt0.flatten(1).amax(1).tolist()))
+        return original(self, emb0, emb1, gt0, gt1, pred0, pred1, generator)
+
+    monkeypatch.setattr(PixelContrastLoss, "forward", spy)
+    _train(tmp_path / "neg", tiny_shards, 1, "--pixel-contrast", "0.5", "--contrast-warmup", "0")
+    (n_pairs, gt_max), = seen
+    n_pos = int(TRAIN_ARGS[TRAIN_ARGS.index("--batch-pos") + 1])
+    assert n_pairs > n_pos                                   # negatives are in
+    assert all(m == 0 for m in gt_max[n_pos:])               # ... as all background
+    assert any(m > 0 for m in gt_max[:n_pos])

@@ -330,8 +330,13 @@ class Trainer:
             if self.proj is not None:
                 c = cfg["contrast"]
                 if step >= int(c["warmup"]):
-                    closs = self.contrast_loss(out["emb0"][:P].float(), out["emb1"][:P].float(), b["mask0"], b["mask1"],
-                                               out["mask0"][:P].detach().float(), out["mask1"][:P].detach().float(), gen)
+                    # Every pair of the step takes part: negatives (in-batch and hard) are all background,
+                    # and their false positives are exactly the hard background anchors the loss wants.
+                    gt0 = torch.zeros_like(out["mask0"], dtype=torch.float32)
+                    gt1 = torch.zeros_like(out["mask1"], dtype=torch.float32)
+                    gt0[:P], gt1[:P] = b["mask0"], b["mask1"]
+                    closs = self.contrast_loss(out["emb0"].float(), out["emb1"].float(), gt0, gt1,
+                                               out["mask0"].detach().float(), out["mask1"].detach().float(), gen)
                     terms["contrast"] = float(c["weight"]) * closs
                 else:  # keep the projection in the graph so DDP sees its (zero) gradients
                     terms["contrast"] = 0.0 * (out["emb0"].float().sum() + out["emb1"].float().sum())
