@@ -5,7 +5,7 @@
                 --coco-annotations coco/annotations/instances_train2017.json \\
                 --out data/coco-pairs --num-shards 1000 --pairs-per-shard 1000 --workers 32
 
-Options: ``segswap-gen --help`` and docs/readme/20-generate.md. Exit status: 0 when every selected
+Options: ``segswap-gen --help`` and README.md ("Generating training pairs"). Exit status: 0 when every selected
 shard is finished, 1 when some shard produced no pair at all, 2 on bad options or input.
 """
 from __future__ import annotations

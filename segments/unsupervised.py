@@ -66,7 +66,7 @@ class ExtractionParams:
     """Every setting of the extraction; each is a ``segswap-segments`` flag (``--box-quantile`` …).
 
     Defaults were chosen with ``benchmarks/bench_segments.py`` (best-segment IoU on images with known
-    masks); the figures are in docs/readme/30-unsupervised-segments.md.
+    masks); the figures are in README.md ("Unsupervised segments").
     """
 
     work_side: int = _param(320, "longer side (px) of the working copy for features, saliency and GrabCut")
