@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segswap.nets.weights_io import WeightsFileError, load_weights_file
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,7 +98,7 @@ class ResNet50Conv4(nn.Module):
         return self.layer3(self.layer2(self.layer1(x)))
 
 
-class BackboneWeightsError(ValueError):
+class BackboneWeightsError(WeightsFileError):
     """A backbone checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
@@ -136,12 +138,7 @@ def _rename(sd: dict, kind: str) -> dict:
 def load_backbone_weights(module: ResNet50Conv4, path: str | os.PathLike) -> str:
     """Load a MoCo v2 / torchvision / official SegSwap checkpoint into ``module``; returns the kind."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BackboneWeightsError(f"{path}: backbone weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; re-raise with the name
-        raise BackboneWeightsError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from e
+    obj = load_weights_file(path, "backbone weights", BackboneWeightsError)
     sd, kind = _unwrap(obj, path)
     try:
         sd = _rename(sd, kind)

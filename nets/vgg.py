@@ -20,6 +20,8 @@ import os
 import torch
 import torch.nn as nn
 
+from segswap.nets.weights_io import WeightsFileError, load_weights_file  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 # Conv layers of VGG-19 after the 1x1 preprocessing conv: (in, out) channels, with "M" for a max pool.
@@ -31,10 +33,6 @@ NUM_VGG_MODULES = 53
 RELU4_1_END = 31  # encoder = full[:31]
 # (start, end) Sequential indices of the four encoder stages, each ending at relu1_1 ... relu4_1.
 RELU_SLICES = {"relu1_1": (0, 4), "relu2_1": (4, 11), "relu3_1": (11, 18), "relu4_1": (18, 31)}
-
-
-class WeightsFileError(ValueError):
-    """A weight file is missing, unreadable or does not match the expected layout."""
 
 
 def build_vgg_normalised(num_modules: int = NUM_VGG_MODULES) -> nn.Sequential:
@@ -54,13 +52,7 @@ def build_vgg_normalised(num_modules: int = NUM_VGG_MODULES) -> nn.Sequential:
 
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """Read a tensor dictionary with ``weights_only=True``; errors name the file and say what was expected."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise WeightsFileError(f"{path}: {what} file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; re-raise with the name
-        raise WeightsFileError(f"{path}: cannot read as a torch weights file ({type(e).__name__}: {e})") from e
+    obj = load_weights_file(path, what)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsFileError(f"{path}: expected a state_dict (a dictionary of tensors) for the {what}, "
                                f"got {type(obj).__name__}")
