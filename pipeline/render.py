@@ -76,6 +76,18 @@ def _jsonable(v):
     return v
 
 
+def _pairs_apart(members) -> list[tuple[int, int]]:
+    """Index pairs (i < j) of segments whose COCO [x, y, w, h] boxes do not intersect."""
+    out = []
+    for i, a in enumerate(members):
+        for j in range(i + 1, len(members)):
+            b = members[j]
+            if (a.bbox[0] + a.bbox[2] <= b.bbox[0] or b.bbox[0] + b.bbox[2] <= a.bbox[0]
+                    or a.bbox[1] + a.bbox[3] <= b.bbox[1] or b.bbox[1] + b.bbox[3] <= a.bbox[1]):
+                out.append((i, j))
+    return out
+
+
 def list_images(folder) -> list[ImageRecord]:
     """Image files of a folder (recursive, sorted) as records without ids, for use as backgrounds."""
     folder = Path(folder)
@@ -129,10 +141,14 @@ class PairRenderer:
         # A single category means the source has none (unsupervised segments): any segment of
         # another image is a valid source.
         self.category_agnostic = len(segments.segment_categories) < 2
-        need = 2
-        self.two_object_images = [i for i in segments.images_with_segments
-                                  if (len(segments.segments_of_image(i)) if self.category_agnostic
-                                      else len(segments.categories_in_image(i))) >= need]
+        if self.category_agnostic:
+            # Unsupervised segments of one image often cover the same object (nested boxes): draw
+            # only pairs whose boxes are apart, instead of drawing and skipping them as overlapping.
+            self._apart = {i: _pairs_apart(segments.segments_of_image(i)) for i in segments.images_with_segments}
+            self.two_object_images = [i for i, pairs in self._apart.items() if pairs]
+        else:
+            self.two_object_images = [i for i in segments.images_with_segments
+                                      if len(segments.categories_in_image(i)) >= 2]
         self.p_two_object = float(p_two_object)
         if self.p_two_object > 0 and not self.two_object_images:
             log.warning("%s: no image has segments of two categories; making one-object pairs only", segments.source)
@@ -190,8 +206,9 @@ class PairRenderer:
                 continue
             members = segs.segments_of_image(iid)
             if self.category_agnostic:
-                a, b = rng.choice(len(members), 2, replace=False)
-                return [members[int(a)], members[int(b)]]
+                apart = self._apart[iid]
+                a, b = apart[int(rng.integers(len(apart)))]
+                return [members[a], members[b]]
             cats = sorted(segs.categories_in_image(iid) - bg_cats)
             if len(cats) < 2:
                 continue

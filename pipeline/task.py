@@ -122,7 +122,7 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
         skips[reason] += 1
         if _WARNED[reason] < WARN_EXAMPLES:
             _WARNED[reason] += 1
-            log.warning("shard %d attempt %d skipped (%s): %s", shard_id, attempts, reason, message)
+            log.info("shard %d attempt %d skipped (%s): %s", shard_id, attempts, reason, message)
 
     with ShardWriter(path) as writer:
         while written < n_pairs and attempts < max_attempts:

@@ -237,3 +237,14 @@ def test_occlusion_later_paste_wins_and_masks_stay_consistent():
     # the flow of a visible A cell is its shifted position
     i, j = 48 // g, 14 // g
     assert np.allclose(f01[i, j], [((j + 0.5) * g + 20) / size, (i + 0.5) * g / size], atol=1e-6)
+
+
+def test_unsupervised_sources_pair_only_segments_whose_boxes_are_apart():
+    """Nested unsupervised segments (same object, several boxes) are never drawn as a two-object pair."""
+    from types import SimpleNamespace
+
+    from segswap.pipeline.render import _pairs_apart
+
+    segs = [SimpleNamespace(bbox=b) for b in ([0, 0, 50, 50], [10, 10, 20, 20], [60, 0, 30, 30], [0, 55, 40, 10])]
+    assert _pairs_apart(segs) == [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert _pairs_apart(segs[:2]) == []
