@@ -102,3 +102,18 @@ def test_pipe_urls_stream(tmp_path):
     url = write_synthetic_shards(tmp_path, n_shards=1, pairs_per_shard=2, size=64)
     items = list(ShardStream(f"pipe:cat {url}", no_augment(64), resampled=False))
     assert [it["key"] for it in items] == ["000000-000000", "000000-000001"]
+
+
+def test_missing_local_shards_fail_fast_with_their_names(tmp_path, caplog):
+    from segswap.train.data import PairAugmenter, ShardStream
+
+    real = write_synthetic_shards(tmp_path / "real", n_shards=2, pairs_per_shard=2, size=64)
+    with pytest.raises(FileNotFoundError, match=r"2 of 2 shards do not exist, e\.g\. .*nope/train-000000\.tar"):
+        ShardStream(str(tmp_path / "nope" / "train-{000000..000001}.tar"), PairAugmenter(64))
+    urls = sorted(str(p) for p in (tmp_path / "real").glob("*.tar")) + [str(tmp_path / "gone.tar")]
+    with pytest.raises(FileNotFoundError, match="gone.tar"):
+        ShardStream(urls, PairAugmenter(64), strict=True)
+    with caplog.at_level("WARNING"):
+        stream = ShardStream(urls, PairAugmenter(64))
+    assert "1 of 3 shards do not exist" in caplog.text and len(stream.urls) == 2
+    assert real

@@ -31,7 +31,7 @@ DEFAULTS = {
         "image_size": 480,
         "batch_pos": 5,
         "batch_neg": 15,
-        "workers": 4,
+        "workers": min(4, os.cpu_count() or 1),  # DataLoader processes; more than cores only thrashes
         **STREAM_DEFAULTS,
         "augment": dict(AUGMENT_DEFAULTS),
     },

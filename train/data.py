@@ -270,7 +270,9 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = STREAM_DEFAULTS["shuffle_buffer"], strict: bool = STREAM_DEFAULTS["strict"],
                  rank: int = 0, world_size: int = 1, stream_id: int = 0, max_items: int | None = None):
         super().__init__()
-        self.urls = expand_shards(urls)
+        expanded = expand_shards(urls)
+        self.urls = self._existing(expanded, strict)
+        self._missing = len(expanded) - len(self.urls)  # counted once, as skips of the first worker
         self.augment = augment
         self.seed = int(seed)
         self.resampled = resampled
@@ -280,6 +282,20 @@ class ShardStream(IterableDataset):
         self.stream_id = int(stream_id)  # distinguishes restarts (resume step) and pool streams
         self.max_items = max_items
         self._skipped = 0
+
+    @staticmethod
+    def _existing(urls: list[str], strict: bool) -> list[str]:
+        """Check local shard paths once, here, rather than in every worker on every pass: a mistyped
+        path must stop the run with its name, not loop over skips."""
+        missing = [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.isfile(u)]
+        if missing and (strict or len(missing) == len(urls)):
+            raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {', '.join(missing[:3])}")
+        if missing:
+            log.warning("%d of %d shards do not exist and are left out, e.g. %s", len(missing), len(urls),
+                        ", ".join(missing[:3]))
+            gone = set(missing)
+            urls = [u for u in urls if u not in gone]
+        return urls
 
     # Every random choice of a worker comes from one SeedSequence keyed by (seed, rank, worker, stream).
     def _rng(self) -> tuple[np.random.Generator, int, int]:
@@ -338,6 +354,8 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         rng, wid, nw = self._rng()
+        if wid == 0 and self.rank == 0:
+            self._skipped += self._missing
         n = 0
         for raw in self._shuffled(self._raw_samples(rng, wid, nw), rng):
             try:
