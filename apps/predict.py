@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 import torch
 
+from segswap.nets.device import resolve_device
+
 log = logging.getLogger("segswap.predict")
 DEFAULT_SIZE = 480
 
@@ -114,7 +116,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from segswap.train.checkpoint import CheckpointError, load_model
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"segswap-predict: --device: {e}", file=sys.stderr)
+        return 2
     try:
         img0, img1 = read_rgb(args.img0), read_rgb(args.img1)
         model = load_model(args.ckpt, device=device)

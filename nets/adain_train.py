@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from segswap.nets.adain import AdaIN, adain, build_decoder, calc_mean_std, load_decoder
+from segswap.nets.device import resolve_device
 from segswap.nets.vgg import WeightsFileError, load_vgg_encoder
 
 log = logging.getLogger("segswap.adain_train")
@@ -200,14 +201,6 @@ def link_vgg(vgg: Path, out: Path) -> None:
     os.replace(tmp, target)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} but CUDA is not available")
-    return torch.device(name)
-
-
 def check_args(args) -> None:
     for name in ("iters", "batch_size", "crop", "load_size", "save_every", "sample_every", "log_every"):
         if getattr(args, name) < 1:
@@ -226,7 +219,10 @@ def train(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}") from None
     content_files = list_images(args.content_dir, "content")
     style_files = list_images(args.style_dir, "style")
     log.info("%d content images in %s, %d style images in %s", len(content_files), args.content_dir,

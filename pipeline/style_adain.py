@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from segswap.nets.adain import load_adain
+from segswap.nets.device import resolve_device
 from segswap.pipeline.style_magenta import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_STRENGTH,
@@ -36,14 +37,6 @@ log = logging.getLogger(__name__)
 VGG_FILE = "vgg_normalised.pth"
 DECODER_FILE = "decoder.pth"
 DEFAULT_STYLE_SIZE = 512
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def resize_shorter_side(image: np.ndarray, side: int) -> np.ndarray:

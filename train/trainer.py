@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segswap.nets.device import resolve_device
 from segswap.train import config as config_mod
 from segswap.train.checkpoint import init_weights, read_checkpoint, save_checkpoint
 from segswap.train.data import PairAugmenter, ShardStream, make_loader
@@ -112,12 +113,7 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = t["device"]
-        if dev == "auto":
-            dev = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        elif dev == "cuda" and self.world > 1:
-            dev = f"cuda:{local}"
-        self.device = torch.device(dev)
+        self.device = resolve_device(t["device"], local_rank=local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
