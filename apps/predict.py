@@ -22,16 +22,10 @@ import numpy as np
 import torch
 
 from segswap.nets.device import resolve_device
+from segswap.pipeline.images import load_rgb
 
 log = logging.getLogger("segswap.predict")
 DEFAULT_SIZE = 480
-
-
-def read_rgb(path: str) -> np.ndarray:
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{path}: cannot read as an image")
-    return np.ascontiguousarray(img[:, :, ::-1])
 
 
 def model_size(model, requested: int | None) -> int:
@@ -122,7 +116,7 @@ def main(argv=None) -> int:
         print(f"segswap-predict: --device: {e}", file=sys.stderr)
         return 2
     try:
-        img0, img1 = read_rgb(args.img0), read_rgb(args.img1)
+        img0, img1 = load_rgb(args.img0), load_rgb(args.img1)
         model = load_model(args.ckpt, device=device)
         size = model_size(model, args.size)
     except (ValueError, CheckpointError) as e:
