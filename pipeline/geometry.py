@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .tps import DEFAULT_JITTER, DEFAULT_POINTS_PER_SIDE, ThinPlateSpline, random_tps
+from segswap.shards.tps import DEFAULT_JITTER, DEFAULT_POINTS_PER_SIDE, ThinPlateSpline, random_tps
 
 REFERENCE_SIZE = 480            # the official image size; pixel parameters below scale from it
 DILATION_AT_480 = 20            # official: 20 dilation iterations before Poisson editing

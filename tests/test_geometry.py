@@ -17,7 +17,7 @@ from segswap.pipeline.geometry import (
     layout_cells,
     resize_mask,
 )
-from segswap.pipeline.tps import ThinPlateSpline, random_tps
+from segswap.shards.tps import ThinPlateSpline, random_tps
 
 
 @pytest.mark.parametrize("per_side", [4, 6])

@@ -117,3 +117,36 @@ def test_missing_local_shards_fail_fast_with_their_names(tmp_path, caplog):
         stream = ShardStream(urls, PairAugmenter(64))
     assert "1 of 3 shards do not exist" in caplog.text and len(stream.urls) == 2
     assert real
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_tps_map_follows_the_spline_at_every_pixel(seed):
+    """The image warp is interpolated from a lattice (the ground truth uses the spline itself): it must
+    stay far below a 16 px feature cell everywhere, border rows and columns included."""
+    import cv2
+
+    from segswap.train.data import random_warp, warp_dense
+
+    tps = random_warp(np.random.default_rng(seed), (4, 6), 1.0)
+    for h, w in ((480, 480), (128, 96)):
+        map1, map2 = warp_dense(tps, h, w)
+        got, _ = cv2.convertMaps(map1, map2, cv2.CV_32FC2)
+        ys, xs = np.mgrid[0:h, 0:w]
+        exact = tps(np.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1)) * [w, h] - 0.5
+        err = np.abs(got - exact).max(-1)
+        assert got.shape == (h, w, 2)
+        assert np.percentile(err, 99) < 1.0 and err.max() < 3.0, (np.percentile(err, 99), err.max())
+        for edge in (err[0], err[-1], err[:, 0], err[:, -1]):
+            assert np.median(edge) < 0.5
+
+
+def test_matches_pushed_out_of_the_frame_lose_their_correspondence():
+    rng = np.random.default_rng(4)
+    pair = make_pair(rng, "000000-000000", size=128)
+    # A warp that moves everything hard: some image-0 cells' matches must leave the frame.
+    aug = PairAugmenter(128, p_tps=1.0, p_swap=0.0, p_pad=0.0, p_style=0.0, tps_move=6.0)
+    for seed in range(20):
+        item = aug(pair, np.random.default_rng(seed))
+        w = item["flow01_weight"]
+        assert ((item["flow01"] >= 0) & (item["flow01"] <= 1)).all()
+        assert (w[item["mask0"] == 0] == 0).all()
