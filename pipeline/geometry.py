@@ -43,6 +43,7 @@ class GeometryConfig:
     fit_ratio_min_one: float = 0.2
     fit_ratio_min_two: float = 0.5
     fit_ratio_steps: int = 10
+    max_fit_scale: float | None = None  # cap on the paste's scale factor (None: the paper's, uncapped)
     p_border_crop: float = 0.2
     p_tps: float = 0.5
     tps_points_per_side: tuple[int, ...] = DEFAULT_POINTS_PER_SIDE
@@ -138,6 +139,8 @@ def draw_affine(rng: np.random.Generator, context_mask: np.ndarray, cell, cfg: G
     cx0, cy0, cx1, cy1 = cell
     ratio = draw_fit_ratio(rng, cfg.fit_ratio_min_two if two_object else cfg.fit_ratio_min_one, cfg.fit_ratio_steps)
     fit = min((cx1 - cx0) / box_w, (cy1 - cy0) / box_h) * ratio
+    if cfg.max_fit_scale is not None:  # e.g. 1.0: never enlarge a small source (no blurry pastes)
+        fit = min(fit, cfg.max_fit_scale)
     pw, ph = box_w * fit, box_h * fit
     tx = float(rng.uniform(cx0, max(cx1 - pw, cx0)))
     ty = float(rng.uniform(cy0, max(cy1 - ph, cy0)))

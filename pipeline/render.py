@@ -105,7 +105,8 @@ class PairRenderer:
                  gradients: str = "normal", flow_stride: int = DEFAULT_FLOW_STRIDE, min_cells: float = MIN_MASK_CELLS,
                  p_two_object: float = 0.5, dilation: int | None = None, p_border_crop: float = 0.2,
                  scale_range=(0.7, 1.0), rotation_deg=(-15.0, 15.0), fit_ratio_min_one: float = 0.2,
-                 fit_ratio_min_two: float = 0.5, p_tps: float = 0.5, tps_points_per_side=(4, 6),
+                 fit_ratio_min_two: float = 0.5, max_fit_scale: float | None = None, p_tps: float = 0.5,
+                 tps_points_per_side=(4, 6),
                  tps_jitter: float = 0.25, image_cache: int = 16):
         if blend not in BLEND_METHODS:
             raise ValueError(f"unknown blend {blend!r}; choose one of {', '.join(BLEND_METHODS)}")
@@ -136,6 +137,7 @@ class PairRenderer:
         self.dilation = int(dilation) if dilation is not None else dilation_px(self.size)
         self.geometry = GeometryConfig(scale_range=tuple(scale_range), rotation_deg=tuple(rotation_deg),
                                        fit_ratio_min_one=fit_ratio_min_one, fit_ratio_min_two=fit_ratio_min_two,
+                                       max_fit_scale=None if max_fit_scale is None else float(max_fit_scale),
                                        p_border_crop=p_border_crop, p_tps=p_tps,
                                        tps_points_per_side=tuple(tps_points_per_side), tps_jitter=tps_jitter)
         # A single category means the source has none (unsupervised segments): any segment of
@@ -317,7 +319,7 @@ RENDER_DEFAULTS = {
     "size": 480, "blend": "pyamg", "gradients": "normal", "flow_stride": DEFAULT_FLOW_STRIDE,
     "min_cells": MIN_MASK_CELLS, "p_two_object": 0.5, "dilation": None, "p_border_crop": 0.2,
     "scale_range": (0.7, 1.0), "rotation_deg": (-15.0, 15.0), "fit_ratio_min_one": 0.2, "fit_ratio_min_two": 0.5,
-    "p_tps": 0.5, "tps_points_per_side": (4, 6), "tps_jitter": 0.25, "image_cache": 16,
+    "max_fit_scale": None, "p_tps": 0.5, "tps_points_per_side": (4, 6), "tps_jitter": 0.25, "image_cache": 16,
 }
 SOURCE_KEYS = ("coco_annotations", "images", "backgrounds", "min_area", "min_side", "categories", "min_score")
 

@@ -113,6 +113,16 @@ def test_fit_ratio_distribution():
     assert min(two) >= 0.5 and len(set(two)) > 3
 
 
+def test_max_fit_scale_caps_enlargement_only():
+    ctx = _disc(128, 64, 64, 12)  # a small source: the uncapped fit enlarges it up to ~5x
+    free = [draw_affine(np.random.default_rng(s), ctx, (0, 0, 128, 128), GeometryConfig(), False)[1]
+            for s in range(30)]
+    capped = [draw_affine(np.random.default_rng(s), ctx, (0, 0, 128, 128), GeometryConfig(max_fit_scale=1.0), False)[1]
+              for s in range(30)]
+    assert max(p["fit_scale"] for p in free) > 2
+    assert all(c["fit_scale"] == pytest.approx(min(f["fit_scale"], 1.0)) for f, c in zip(free, capped))
+
+
 def test_layout_cells_are_disjoint_and_inside():
     rng = np.random.default_rng(2)
     size = 480
