@@ -101,3 +101,21 @@ def test_normalise_and_l2n():
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
     f = l2n(torch.randn(2, 16, 3, 3))
     torch.testing.assert_close(f.norm(dim=1), torch.ones(2, 3, 3))
+
+
+def test_handmade_trunk_loads_as_torchvision_layout(tmp_path):
+    """The learning check's stand-in for pretrained weights goes through the real loader and computes
+    its 30 blurred colour / gradient channels and nothing else."""
+    import numpy as np
+    import torch
+    from handmade_trunk import N_FEATURES, write_handmade_trunk
+
+    from segswap.nets.resnet import ResNet50Conv4, build_backbone, load_backbone_weights, normalise_image
+
+    path = write_handmade_trunk(tmp_path / "trunk.pth")
+    assert load_backbone_weights(ResNet50Conv4(), path) == "torchvision"
+    img = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    with torch.no_grad():
+        feat = build_backbone(path)(normalise_image(img))
+    assert feat.shape == (1, 1024, 8, 8) and torch.isfinite(feat).all()
+    assert feat[:, :N_FEATURES].abs().sum() > 0 and (feat[:, N_FEATURES:] == 0).all()
