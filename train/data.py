@@ -31,6 +31,7 @@ trainer sums. ``strict=True`` raises instead.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -88,6 +89,41 @@ def grid_mask(mask: np.ndarray, gh: int, gw: int) -> np.ndarray:
     return cv2.resize(m, (gw, gh), interpolation=cv2.INTER_AREA)
 
 
+def _bilinear_neighbours(fh: int, fw: int, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices [4, n] of the four flow cells around each normalised point, and their weights."""
+    p = pts.reshape(-1, 2).astype(np.float64)
+    u = p[:, 0] * fw - 0.5
+    v = p[:, 1] * fh - 0.5
+    j0, i0 = np.floor(u), np.floor(v)
+    du, dv = u - j0, v - i0
+    ii = np.clip(i0.astype(np.intp) + np.array([[0], [0], [1], [1]]), 0, fh - 1)
+    jj = np.clip(j0.astype(np.intp) + np.array([[0], [1], [0], [1]]), 0, fw - 1)
+    w = np.stack([(1 - dv) * (1 - du), (1 - dv) * du, dv * (1 - du), dv * du]).astype(np.float32)
+    return ii * fw + jj, w
+
+
+@functools.lru_cache(maxsize=16)
+def _centre_neighbours(fh: int, fw: int, gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
+    # Every pair of a run samples its flows at the same cell centres: the table is built once.
+    idx, w = _bilinear_neighbours(fh, fw, cell_centres(gh, gw))
+    idx.flags.writeable = w.flags.writeable = False  # shared by every later call
+    return idx, w
+
+
+def _gather_flow(flow: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """NaN-aware bilinear combination of the flow cells ``idx`` [4, n] with weights ``w`` -> [n, 2]."""
+    val = flow.reshape(-1, 2)[idx].astype(np.float32)  # [4, n, 2]: only the neighbours are converted
+    ok = ~np.isnan(val[..., 0])
+    w = w * ok
+    val[~ok] = 0
+    wsum = w.sum(axis=0)
+    acc = (w[..., None] * val).sum(axis=0)
+    out = np.full(acc.shape, np.nan, np.float32)
+    good = wsum > 1e-6
+    out[good] = acc[good] / wsum[good, None]
+    return out
+
+
 def sample_flow(flow: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """Bilinear, NaN-aware sampling of a flow field [fh,fw,2] at normalised points [...,2] -> [...,2].
 
@@ -96,25 +132,13 @@ def sample_flow(flow: np.ndarray, pts: np.ndarray) -> np.ndarray:
     outside the field take their nearest border cells.
     """
     fh, fw = flow.shape[:2]
-    shape = pts.shape[:-1]
-    p = pts.reshape(-1, 2).astype(np.float64)
-    u = p[:, 0] * fw - 0.5
-    v = p[:, 1] * fh - 0.5
-    j0, i0 = np.floor(u), np.floor(v)
-    du, dv = u - j0, v - i0
-    # The four neighbours of every point at once, [4, points]: only they are converted and tested.
-    ii = np.clip(i0.astype(np.intp) + np.array([[0], [0], [1], [1]]), 0, fh - 1)
-    jj = np.clip(j0.astype(np.intp) + np.array([[0], [1], [0], [1]]), 0, fw - 1)
-    val = flow[ii, jj].astype(np.float64)  # [4, points, 2]
-    ok = np.isfinite(val[..., 0])
-    w = np.stack([(1 - dv) * (1 - du), (1 - dv) * du, dv * (1 - du), dv * du]) * ok
-    val[~ok] = 0
-    wsum = w.sum(axis=0)
-    acc = (w[..., None] * val).sum(axis=0)
-    out = np.full((len(p), 2), np.nan, np.float32)
-    good = wsum > 1e-8
-    out[good] = (acc[good] / wsum[good, None]).astype(np.float32)
-    return out.reshape(*shape, 2)
+    return _gather_flow(flow, *_bilinear_neighbours(fh, fw, pts)).reshape(*pts.shape[:-1], 2)
+
+
+def sample_flow_at_centres(flow: np.ndarray, gh: int, gw: int) -> np.ndarray:
+    """``sample_flow(flow, cell_centres(gh, gw))`` with the neighbour table cached: [gh, gw, 2]."""
+    fh, fw = flow.shape[:2]
+    return _gather_flow(flow, *_centre_neighbours(fh, fw, gh, gw)).reshape(gh, gw, 2)
 
 
 def cell_centres(gh: int, gw: int) -> np.ndarray:
@@ -195,15 +219,14 @@ class PairAugmenter:
         img0, img1 = self._resize(pair.img0), self._resize(pair.img1)
         # Masks stay uint8 {0, 255} until grid_mask averages them over each cell.
         m0, m1 = self._resize(pair.mask0), self._resize(pair.mask1)
-        centres = cell_centres(g, g)
-        f01 = sample_flow(pair.flow01, centres)
+        f01 = sample_flow_at_centres(pair.flow01, g, g)
         if rng.random() < self.p_tps:
             tps = random_warp(rng, self.tps_grids, self.tps_move)
             map1, map2 = warp_dense(tps, s, s)
             img1 = cv2.remap(img1, map1, map2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
             # Nearest keeps the mask binary (as stored) and costs half a bilinear remap.
             m1 = cv2.remap(m1, map1, map2, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            f10 = sample_flow(pair.flow10, tps(centres))   # warped cell -> original cell -> image 0
+            f10 = sample_flow(pair.flow10, tps(cell_centres(g, g)))  # warped cell -> original cell -> image 0
             ok = np.isfinite(f01[..., 0])
             # image 0 -> original image 1 -> warped image 1; a match the warp pushes out of the frame
             # (or where Newton does not converge: NaN) has no correspondence any more.
@@ -211,7 +234,7 @@ class PairAugmenter:
             moved[~np.all((moved >= 0) & (moved <= 1), axis=1)] = np.nan
             f01[ok] = moved
         else:
-            f10 = sample_flow(pair.flow10, centres)
+            f10 = sample_flow_at_centres(pair.flow10, g, g)
         gm0, gm1 = grid_mask(m0, g, g), grid_mask(m1, g, g)
         if rng.random() < self.p_swap:
             img0, img1, gm0, gm1, f01, f10 = img1, img0, gm1, gm0, f10, f01
