@@ -182,7 +182,7 @@ def warp_dense(tps: ThinPlateSpline, h: int, w: int) -> np.ndarray:
     lattice = np.stack(np.meshgrid(xs, ys), axis=-1)
     mapped = (tps(lattice / size) * size - 0.5).astype(np.float32)  # remap addresses pixel centres by integer coordinates
     dense = cv2.resize(mapped, (nx * step, ny * step), interpolation=cv2.INTER_LINEAR)[step:step + h, step:step + w]
-    return cv2.convertMaps(np.ascontiguousarray(dense), None, cv2.CV_16SC2)
+    return cv2.convertMaps(dense, None, cv2.CV_16SC2)  # reads the cropped view in place
 
 
 # ------------------------------------------------------------------------------------ augmenting
