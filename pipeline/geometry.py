@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from segswap.shards.tps import DEFAULT_JITTER, DEFAULT_POINTS_PER_SIDE, ThinPlateSpline, random_tps
+from segswap.shards.tps import (
+    DEFAULT_JITTER,
+    DEFAULT_POINTS_PER_SIDE,
+    ThinPlateSpline,
+    lattice_points,
+    random_tps,
+    upsample_lattice,
+)
 
 REFERENCE_SIZE = 480            # the official image size; pixel parameters below scale from it
 DILATION_AT_480 = 20            # official: 20 dilation iterations before Poisson editing
@@ -202,26 +209,6 @@ class PasteWarp:
         return self._apply(self.inv_affine, q)
 
 
-def lattice_points(size: int, stride: int) -> np.ndarray:
-    """[n + 2, n + 2, 2] centres of the stride-g cells, with one extra ring outside the image."""
-    n = size // stride
-    c = (np.arange(-1, n + 1) + 0.5) * stride
-    xs, ys = np.meshgrid(c, c)
-    return np.stack([xs, ys], -1)
-
-
-def upsample_lattice(values: np.ndarray, size: int, stride: int) -> np.ndarray:
-    """Bilinear interpolation of a lattice_points-shaped field at every pixel centre: float32 [size, size, 2].
-
-    ``cv2.resize`` of the ring lattice to (size + 2 stride) pixels puts every output pixel centre at
-    exactly its fractional lattice index (half-pixel-centre convention on both sides); float images
-    get float interpolation weights. NaN nodes make their neighbouring pixels NaN.
-    """
-    big = size + 2 * stride
-    up = cv2.resize(values.astype(np.float32), (big, big), interpolation=cv2.INTER_LINEAR)
-    return up[stride:stride + size, stride:stride + size]
-
-
 def dense_maps(warp: PasteWarp, size: int, stride: int, region=None):
     """Per-pixel maps both ways plus their exact lattice values.
 
@@ -229,7 +216,7 @@ def dense_maps(warp: PasteWarp, size: int, stride: int, region=None):
     included) and ``fwd``/``bwd`` ([size, size, 2] at pixel centres). ``region`` (x0, y0, x1, y1)
     limits the numerical TPS inverse to target points near the pasted box (NaN elsewhere).
     """
-    lat = lattice_points(size, stride)
+    lat = lattice_points(size, size, stride)
     fwd_lat = warp.forward(lat)
     if warp.tps is not None and region is not None:
         x0, y0, x1, y1 = region
@@ -239,7 +226,7 @@ def dense_maps(warp: PasteWarp, size: int, stride: int, region=None):
     else:
         bwd_lat = warp.backward(lat)
     return {"fwd_lattice": fwd_lat, "bwd_lattice": bwd_lat,
-            "fwd": upsample_lattice(fwd_lat, size, stride), "bwd": upsample_lattice(bwd_lat, size, stride)}
+            "fwd": upsample_lattice(fwd_lat, size, size, stride), "bwd": upsample_lattice(bwd_lat, size, size, stride)}
 
 
 def draw_tps(rng: np.random.Generator, box, cfg: GeometryConfig):

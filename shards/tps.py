@@ -12,9 +12,15 @@ code) on a regular grid over a rectangle, each moved independently by ``U(-jitte
 along x and y (extent = the rectangle's width or height). The default jitter 0.25 equals the official
 loader's ``(rand - 0.5) / k`` in [-1, 1] units: at most a quarter of a grid cell's share of the
 extent, which keeps the map one-to-one.
+
+Dense maps (:func:`lattice_points`, :func:`upsample_lattice`): a warp evaluated exactly at the cell
+centres of a stride-s lattice (plus one ring outside the image) and interpolated bilinearly to every
+pixel centre by ``cv2.resize``. The generator draws its pastes with them, the trainer its TPS
+augmentation.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 DEFAULT_JITTER = 0.25
@@ -131,3 +137,25 @@ def random_tps(rng: np.random.Generator, x0: float, y0: float, x1: float, y1: fl
     params = {"points_per_side": k, "jitter": jitter,
               "controls": np.round(controls, 3).tolist(), "targets": np.round(targets, 3).tolist()}
     return ThinPlateSpline(controls, targets), params
+
+
+def lattice_points(h: int, w: int, stride: int) -> np.ndarray:
+    """[ceil(h/s) + 2, ceil(w/s) + 2, 2] pixel (x, y) of the centres of the stride-s cells, with one
+    extra ring outside the image."""
+    xs = (np.arange(-1, -(-w // stride) + 1) + 0.5) * stride
+    ys = (np.arange(-1, -(-h // stride) + 1) + 0.5) * stride
+    gx, gy = np.meshgrid(xs, ys)
+    return np.stack([gx, gy], -1)
+
+
+def upsample_lattice(values: np.ndarray, h: int, w: int, stride: int) -> np.ndarray:
+    """Bilinear interpolation of a lattice_points-shaped field at every pixel centre: float32 [h, w, C].
+
+    ``cv2.resize`` of the ring lattice to ``stride`` pixels per node puts every output pixel centre at
+    exactly its fractional lattice index (half-pixel-centre convention on both sides), so border pixels
+    are interpolated, never clamped; float images get float interpolation weights. NaN nodes make
+    their neighbouring pixels NaN. The result is a view into the upsampled lattice.
+    """
+    ny, nx = values.shape[:2]
+    up = cv2.resize(values.astype(np.float32), (nx * stride, ny * stride), interpolation=cv2.INTER_LINEAR)
+    return up[stride:stride + h, stride:stride + w]

@@ -64,7 +64,7 @@ def test_dense_maps_exact_for_affine_and_consistent_with_tps():
     tps, _ = random_tps(np.random.default_rng(5), 20, 20, 80, 80)
     warp = PasteWarp(affine, tps)
     maps = dense_maps(warp, size, g, region=(0, 0, size, size))
-    lat = lattice_points(size, g)
+    lat = lattice_points(size, size, g)
     ok = np.isfinite(maps["bwd_lattice"]).all(-1)
     assert ok[1:-1, 1:-1].all()  # everywhere in the region asked for (the ring is outside it)
     assert np.abs(warp.forward(maps["bwd_lattice"][ok]) - lat[ok]).max() < 1e-3

@@ -45,7 +45,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from segswap.shards.format import ALL_FIELDS, FormatError, Pair, decode_sample
-from segswap.shards.tps import ThinPlateSpline, random_tps
+from segswap.shards.tps import ThinPlateSpline, lattice_points, random_tps, upsample_lattice
 
 log = logging.getLogger(__name__)
 
@@ -164,25 +164,19 @@ def warp_dense(tps: ThinPlateSpline, h: int, w: int) -> np.ndarray:
     """cv2.remap map (fixed point, ``CV_16SC2`` + ``CV_16UC1``): for every pixel of the warped image, where
     to read it in the original.
 
-    The spline is evaluated on a lattice of pixel centres every ``min(h, w) // TPS_LATTICE`` pixels, one lattice
-    point beyond each border, and upsampled bilinearly by cv2.resize: with that layout resize's half-pixel
-    convention puts every output pixel exactly at its own centre, and border pixels are interpolated,
-    never clamped. Fixed point is what cv2.remap converts float maps to internally for bilinear
-    sampling (1/32 px), so converting once here loses nothing and makes every later remap cheaper.
+    The spline is evaluated on a lattice of cell centres every ``min(h, w) // TPS_LATTICE`` pixels and
+    upsampled bilinearly (``shards.tps.upsample_lattice``, the generator's dense maps). Fixed point is
+    what cv2.remap converts float maps to internally for bilinear sampling (1/32 px), so converting once
+    here loses nothing and makes every later remap cheaper.
 
     Against the spline at every pixel (default warps, 480 px): median 0.1 px, 99th percentile 0.6 px,
     at most about 1.5 px next to a control point, where the kernel's curvature peaks. The ground truth
     does not go through this map: it uses the spline and its exact inverse at the cell centres.
     """
     step = max(1, min(h, w) // TPS_LATTICE)
-    nx, ny = -(-w // step) + 2, -(-h // step) + 2
-    xs = step / 2 + step * np.arange(-1, nx - 1, dtype=np.float32)
-    ys = step / 2 + step * np.arange(-1, ny - 1, dtype=np.float32)
-    size = np.array([w, h], np.float32)
-    lattice = np.stack(np.meshgrid(xs, ys), axis=-1)
-    mapped = (tps(lattice / size) * size - 0.5).astype(np.float32)  # remap addresses pixel centres by integer coordinates
-    dense = cv2.resize(mapped, (nx * step, ny * step), interpolation=cv2.INTER_LINEAR)[step:step + h, step:step + w]
-    return cv2.convertMaps(dense, None, cv2.CV_16SC2)  # reads the cropped view in place
+    size = np.array([w, h], np.float64)
+    mapped = tps(lattice_points(h, w, step) / size) * size - 0.5  # remap addresses pixel centres by integer coordinates
+    return cv2.convertMaps(upsample_lattice(mapped, h, w, step), None, cv2.CV_16SC2)
 
 
 # ------------------------------------------------------------------------------------ augmenting
