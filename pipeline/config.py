@@ -16,6 +16,7 @@ import os
 
 import yaml
 
+from segswap.nets.device import available_cpus
 from segswap.pipeline.style import STYLE_CHOICES
 
 SEGMENT_SOURCES = ("coco", "unsupervised")
@@ -266,14 +267,6 @@ def validate(cfg: dict, source: str = "options") -> dict:
         if cfg["num_tasks"] < 1 or not 0 <= cfg["task_index"] < cfg["num_tasks"]:
             fail("task_index", f"need 0 <= task_index < num_tasks, got {cfg['task_index']}/{cfg['num_tasks']}")
     return cfg
-
-
-def available_cpus() -> int:
-    """CPUs this process may use (SLURM and containers restrict the affinity mask, not cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def selected_shards(cfg: dict) -> list[int]:

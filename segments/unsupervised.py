@@ -45,6 +45,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from segswap.nets.device import available_cpus
 from segswap.segments.grabcut import GrabCutParams, grabcut_box, mask_box, mask_nms, passes_filters
 from segswap.segments.proposals import MODES, BoxFilter, box_nms, selective_search
 from segswap.segments.saliency import BoxScorer, feature_saliency, upsample_saliency
@@ -360,7 +361,7 @@ def run_extraction(image_paths, out_json, *, workers: int | None = 0, ray_addres
     """
     params = ExtractionParams.from_options(**opts)
     if workers is None:  # "as many as there are CPUs", the convention of segswap-gen's --workers
-        workers = os.cpu_count() or 1
+        workers = available_cpus()
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 0:

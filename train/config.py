@@ -11,6 +11,7 @@ import os
 
 import yaml
 
+from segswap.nets.device import available_cpus
 from segswap.train.data import AUGMENT_DEFAULTS, STREAM_DEFAULTS
 from segswap.train.hardneg import HARDNEG_DEFAULTS
 from segswap.train.loss import LOSS_DEFAULTS
@@ -31,7 +32,7 @@ DEFAULTS = {
         "image_size": 480,
         "batch_pos": 5,
         "batch_neg": 15,
-        "workers": min(4, os.cpu_count() or 1),  # DataLoader processes; more than cores only thrashes
+        "workers": min(4, available_cpus()),  # DataLoader processes; more than cores only thrashes
         **STREAM_DEFAULTS,
         "augment": dict(AUGMENT_DEFAULTS),
     },
