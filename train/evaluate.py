@@ -18,23 +18,26 @@ correspondence fields, and we report:
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from segswap.train.data import ShardStream, make_loader, no_augment
 
 
 def batch_metrics(out: dict, batch: dict, image_size: int) -> dict:
-    """Sums (not means) so batches can be accumulated: iou_sum, n_masks, err_sum, n_cells."""
+    """Sums (not means) so batches can be accumulated: iou_sum, n_masks, err_sum, n_cells, fg_sum, fg_n,
+    bg_sum, bg_n."""
     iou_sum, n = 0.0, 0
     err_sum, cells = 0.0, 0
     fg_sum = bg_sum = fg_n = bg_n = 0.0
     scale = torch.tensor([image_size, image_size], dtype=torch.float32, device=out["mask0"].device)
     for i, j in (("0", "1"), ("1", "0")):
-        pred = out["mask" + i].float() > 0.5
+        prob = out["mask" + i].float()
+        pred = prob > 0.5
         gt = batch["mask" + i] > 0.5
         inter = (pred & gt).flatten(1).sum(1).float()
         union = (pred | gt).flatten(1).sum(1).float()
-        prob = out["mask" + i].float()
         fg_sum += prob[gt].sum().item()
         bg_sum += prob[~gt].sum().item()
         fg_n += int(gt.sum())
@@ -57,7 +60,7 @@ def validate(model, urls, image_size: int, max_pairs: int, device, batch_size: i
     loader = make_loader(stream, batch_size=batch_size, workers=workers, drop_last=False)
     was_training = model.training
     model.eval()
-    acc = {"iou_sum": 0.0, "n_masks": 0, "err_sum": 0.0, "n_cells": 0, "fg_sum": 0.0, "fg_n": 0, "bg_sum": 0.0, "bg_n": 0}
+    acc = Counter()  # the sums of batch_metrics
     neg_sum, neg_n, pairs, skipped = 0.0, 0, 0, 0
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -69,8 +72,7 @@ def validate(model, urls, image_size: int, max_pairs: int, device, batch_size: i
                 neg = model.head(f0, f1.roll(1, dims=0))
                 neg_sum += 0.5 * (neg["mask0"].float().mean() + neg["mask1"].float().mean()).item() * f0.shape[0]
                 neg_n += f0.shape[0]
-        for k, v in batch_metrics(out, batch, image_size).items():
-            acc[k] += v
+        acc.update(batch_metrics(out, batch, image_size))
         pairs += f0.shape[0]
         skipped += int(batch["skipped"].sum())
     model.train(was_training)
