@@ -22,6 +22,7 @@ import torch
 
 from segswap.apps.features_cache import FeatureCache
 from segswap.apps.graph import PairPredictions
+from segswap.apps.images import BadImage
 from segswap.apps.pairs import HEAD_KEYS, run_head, score_query
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,6 @@ def usable_images(cache: FeatureCache, paths: list[str], size: tuple[int, int], 
     A batch job over a user's collection must not die on one corrupt file: a failing chunk is retried
     image by image and the bad files are reported and left out.
     """
-    from segswap.apps.images import BadImage
-
     good, bad = [], []
     for s in range(0, len(paths), chunk):
         part = paths[s:s + chunk]
