@@ -144,12 +144,6 @@ class NeighbourMap:
         s, e = self.starts[k], self.starts[k + 1]
         return self.in_index[s:e], self.out_index[s:e]
 
-    def kernel_rows(self) -> torch.Tensor:
-        """[M] kernel row of each pair in the grouped-by-kernel-row order."""
-        counts = torch.tensor([self.starts[k + 1] - self.starts[k] for k in range(self.kernel_volume)],
-                              device=self.in_index.device)
-        return torch.repeat_interleave(torch.arange(self.kernel_volume, device=self.in_index.device), counts)
-
     @classmethod
     def build(cls, coords: torch.Tensor, spatial_shape: tuple[int, int, int, int],
               kernel_size: int = 3) -> NeighbourMap:
