@@ -114,6 +114,9 @@ class PairRenderer:
             raise ValueError(f"unknown gradients {gradients!r}; choose one of {', '.join(GRADIENTS)}")
         if size % 16 or size % flow_stride:
             raise ValueError(f"size {size} must be a multiple of 16 and of flow_stride {flow_stride}")
+        if max_fit_scale is not None and (isinstance(max_fit_scale, bool) or not isinstance(max_fit_scale, (int, float))
+                                          or not max_fit_scale > 0):
+            raise ValueError(f"max_fit_scale must be a number > 0 (or none: no cap), got {max_fit_scale!r}")
         if not len(segments):
             raise ValueError(f"{segments.source}: no usable segments (skipped: {dict(segments.skipped)})")
         self.segments = segments
@@ -137,7 +140,7 @@ class PairRenderer:
         self.dilation = int(dilation) if dilation is not None else dilation_px(self.size)
         self.geometry = GeometryConfig(scale_range=tuple(scale_range), rotation_deg=tuple(rotation_deg),
                                        fit_ratio_min_one=fit_ratio_min_one, fit_ratio_min_two=fit_ratio_min_two,
-                                       max_fit_scale=None if max_fit_scale is None else float(max_fit_scale),
+                                       max_fit_scale=max_fit_scale,
                                        p_border_crop=p_border_crop, p_tps=p_tps,
                                        tps_points_per_side=tuple(tps_points_per_side), tps_jitter=tps_jitter)
         # A single category means the source has none (unsupervised segments): any segment of

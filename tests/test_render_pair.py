@@ -194,6 +194,10 @@ def test_build_renderer_from_config(fixture):
     with pytest.raises(ValueError, match="unknown blend"):
         build_renderer({"coco_annotations": str(fixture.json_path), "images": str(fixture.images_dir),
                         "blend": "magic"})
+    for bad in (0, -1.0, "big", True):
+        with pytest.raises(ValueError, match="max_fit_scale must be a number > 0"):
+            build_renderer({"coco_annotations": str(fixture.json_path), "images": str(fixture.images_dir),
+                            "max_fit_scale": bad})
 
 
 def test_border_crop_pairs(index, fixture):
