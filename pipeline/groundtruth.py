@@ -18,7 +18,8 @@ maps of its :class:`~segswap.pipeline.geometry.PasteWarp` (see :func:`geometry.d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,10 +40,68 @@ class SkipPair(Exception):
 
 @dataclass
 class Paste:
-    """One segment as pasted: context mask in image 0 (bool [H, W]) and dense maps of its warp."""
+    """One segment as pasted: context mask in image 0 (bool [H, W]) and dense maps of its warp.
+
+    The pixel lookups the ground truth needs are computed once per paste and only where they can
+    matter: the forward map at the context's pixels, the backward map on the box of image 1 whose
+    pixels can map into the context (see :meth:`target_box`).
+    """
 
     context0: np.ndarray
     maps: dict
+    _lookups: dict = field(default_factory=dict, repr=False)
+
+    def target_box(self, shape) -> tuple[slice, slice]:
+        """Slices of image 1 outside which no pixel's backward map lands in the context's box.
+
+        The dense map is bilinear between its lattice nodes, so a pixel's value lies in the box of
+        the four nodes around it (NaN nodes left out: a value mixing in a NaN is NaN). Cells whose
+        node box misses the context's box (grown by a pixel against rounding) are skipped.
+        """
+        h, w = shape
+        rows, cols = np.flatnonzero(self.context0.any(1)), np.flatnonzero(self.context0.any(0))
+        lat = self.maps["bwd_lattice"]
+        corners = np.stack([lat[:-1, :-1], lat[1:, :-1], lat[:-1, 1:], lat[1:, 1:]])
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: nanmin says so, and they miss
+            lo, hi = np.nanmin(corners, 0), np.nanmax(corners, 0)
+        hit = ((hi[..., 0] >= cols[0] - 1) & (lo[..., 0] <= cols[-1] + 2)
+               & (hi[..., 1] >= rows[0] - 1) & (lo[..., 1] <= rows[-1] + 2))
+        if not hit.any():
+            return slice(0, 0), slice(0, 0)
+        # Cell (i, j) spans lattice nodes i..i+1, whose pixel centres are at (i - 1 + 0.5) * g (ring first).
+        g = self.maps["fwd"].shape[0] // (lat.shape[0] - 2) if lat.shape[0] > 2 else 1
+        ci, cj = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
+        r0, r1 = int((ci[0] - 0.5) * g) - 1, int((ci[-1] + 0.5) * g) + 2
+        c0, c1 = int((cj[0] - 0.5) * g) - 1, int((cj[-1] + 0.5) * g) + 2
+        return slice(max(r0, 0), min(max(r1, 0), h)), slice(max(c0, 0), min(max(c1, 0), w))
+
+    def backward_lookup(self, shape) -> tuple[tuple[slice, slice], np.ndarray]:
+        """(target box, flat pixel index in image 0 of each box pixel's backward map, H*W outside)."""
+        if "bwd" not in self._lookups:
+            box = self.target_box(shape)
+            self._lookups["bwd"] = box, _flat_index(self.maps["bwd"][box], *self.context0.shape)
+        return self._lookups["bwd"]
+
+    def forward_lookup(self, shape) -> tuple[np.ndarray, np.ndarray]:
+        """(flat indices of the context's pixels, flat pixel index in image 1 of their forward map)."""
+        if "fwd" not in self._lookups:
+            at = np.flatnonzero(self.context0.ravel())
+            fwd = self.maps["fwd"].reshape(-1, 2)[at]
+            self._lookups["fwd"] = at, _flat_index(fwd, *shape)
+        return self._lookups["fwd"]
+
+
+def _flat_index(pts: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Flat index (row * w + col) of the pixel holding each continuous point [..., 2]; h * w outside
+    the image or at NaN (index a table with one extra entry there, see :func:`_lookup`)."""
+    inside, row, col = _pixel_index(pts, h, w)
+    return np.where(inside, row.astype(np.intp) * w + col, h * w)
+
+
+def _lookup(image: np.ndarray, flat: np.ndarray, outside) -> np.ndarray:
+    """``image`` at flat indices from :func:`_flat_index`, ``outside`` where they are off the image."""
+    return np.append(image.ravel(), np.asarray(outside, image.dtype))[flat]
 
 
 def _pixel_index(pts: np.ndarray, h: int, w: int):
@@ -54,23 +113,12 @@ def _pixel_index(pts: np.ndarray, h: int, w: int):
     return inside, row, col
 
 
-def sample_mask(mask: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Nearest-pixel lookup of a bool mask at continuous points [..., 2]; False outside or at NaN."""
-    inside, row, col = _pixel_index(pts, *mask.shape)
-    return inside & mask[row, col]
-
-
-def sample_labels(labels: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Nearest-pixel lookup of an int label image; -1 outside or at NaN."""
-    inside, row, col = _pixel_index(pts, *labels.shape)
-    return np.where(inside, labels[row, col], -1)
-
-
 def ownership(pastes: list[Paste], shape) -> np.ndarray:
     """int16 [H, W]: index of the paste image 1 shows at each pixel, -1 for background."""
     owner = np.full(shape, -1, np.int16)
     for k, p in enumerate(pastes):
-        owner[sample_mask(p.context0, p.maps["bwd"])] = k
+        box, flat = p.backward_lookup(shape)
+        owner[box][_lookup(p.context0, flat, False)] = k
     return owner
 
 
@@ -80,11 +128,15 @@ def ground_truth(pastes: list[Paste], owner1: np.ndarray, *, flow_stride: int, m
     size = np.array([w, h], np.float64)
     masks0, masks1 = [], []
     for k, p in enumerate(pastes):
-        m1 = owner1 == k
-        m0 = p.context0 & (sample_labels(owner1, p.maps["fwd"]) == k)
+        # The same as sampling whole-image maps (sample_mask, sample_labels), on the pixels that matter.
+        at, fwd = p.forward_lookup((h, w))
+        box, bwd = p.backward_lookup((h, w))
+        m1 = owner1 == k  # inside box: ownership set k nowhere else
+        m0 = np.zeros(p.context0.shape, bool)
+        m0.ravel()[at[_lookup(owner1, fwd, -1) == k]] = True
         # Warp there and back: keep what maps into the other mask, on both sides.
-        m1 &= sample_mask(m0, p.maps["bwd"])
-        m0 &= sample_mask(m1, p.maps["fwd"])
+        m1[box] &= _lookup(m0, bwd, False)
+        m0.ravel()[at] &= _lookup(m1, fwd, False)
         masks0.append(m0)
         masks1.append(m1)
     mask0 = np.logical_or.reduce(masks0)
