@@ -120,9 +120,11 @@ def draw_fit_ratio(rng: np.random.Generator, r_min: float, steps: int = 10) -> f
 
 def _mask_hull_corners(mask: np.ndarray) -> np.ndarray:
     """Corners of the pixels on the mask's convex hull: their image under an affine map has the
-    same bounding box as the transformed mask."""
-    pts = cv2.findNonZero(mask.astype(np.uint8))
-    hull = cv2.convexHull(pts).reshape(-1, 2).astype(np.float64)
+    same bounding box as the transformed mask. The hull of the outer contours is the hull of every
+    mask pixel (a hull vertex is an extreme pixel, hence on an outer boundary) for a fraction of the
+    points; only its order differs, which min/max of the corners do not see."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(np.concatenate(contours)).reshape(-1, 2).astype(np.float64)
     offs = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float64)
     return (hull[:, None, :] + offs[None]).reshape(-1, 2)
 
