@@ -32,7 +32,7 @@ from threadpoolctl import ThreadpoolController
 
 from segswap.segments.base import ImageRecord
 from segswap.segments.coco import SegmentIndex
-from segswap.shards.format import DEFAULT_FLOW_STRIDE, FORMAT_VERSION, MIN_MASK_CELLS, Pair
+from segswap.shards.format import DEFAULT_FLOW_STRIDE, FORMAT_VERSION, MIN_MASK_CELLS, RENDERER_VERSION, Pair
 
 from .blend import BLEND_METHODS, GRADIENTS, blend
 from .geometry import (
@@ -349,7 +349,7 @@ class PairRenderer:
             m.update(c)
 
         meta = {
-            "format_version": FORMAT_VERSION, "key": key, "size": [size, size], "flow_stride": g, "seed": seed,
+            "format_version": FORMAT_VERSION, "renderer_version": RENDERER_VERSION, "key": key, "size": [size, size], "flow_stride": g, "seed": seed,
             "kind": "two-object" if two else "one-object",
             "source": {"file_name": src_rec.file_name, "id": src_rec.id, "original_size": [oh, ow],
                        "border_crop": {"side": crop[0], "box": list(crop[1])} if crop else None},

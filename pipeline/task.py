@@ -89,26 +89,32 @@ def generate_shard(job: dict, shard_id: int) -> dict:
     all is not written.
     """
     import cv2
-    import torch
     from threadpoolctl import threadpool_limits
 
-    threads = (cv2.getNumThreads(), torch.get_num_threads())
+    # torch only where a styliser (AdaIN) loaded it: importing it costs a plain worker ~1 CPU-s.
+    torch = sys.modules.get("torch") if job["style"] != "adain" else __import__("torch")
+    threads = (cv2.getNumThreads(), torch.get_num_threads() if torch else None)
     cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    if torch:
+        torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1):
             return _generate_shard(job, shard_id)
     finally:
         cv2.setNumThreads(threads[0])
-        torch.set_num_threads(threads[1])
+        if torch:
+            torch.set_num_threads(threads[1])
 
 
 def _generate_shard(job: dict, shard_id: int) -> dict:
     from segswap.pipeline.images import BadImage
     from segswap.pipeline.render import SkipPair
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     renderer, styliser = build_worker_state(job)
+    setup_cpu = time.process_time() - cpu0  # 0 unless this process built the renderer just now
+    stages = Counter()
+    render_cpu0 = Counter(renderer.stage_cpu)
     path = os.path.join(job["out"], SHARD_PATTERN % shard_id)
     n_pairs = job["pairs_per_shard"]
     max_attempts = n_pairs * job["max_attempts_per_pair"]
@@ -145,13 +151,17 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                 batch.append(pair)
             if styliser is not None and batch:
                 images = [im for p in batch for im in (p.img0, p.img1)]
+                t = time.process_time()
                 styled, infos = styliser.stylise(images, style_rng)
+                stages["style"] += time.process_time() - t
                 for i, p in enumerate(batch):
                     p.sty0, p.sty1 = styled[2 * i], styled[2 * i + 1]
                     p.meta["style"] = [infos[2 * i], infos[2 * i + 1]]
+            t = time.process_time()
             for p in batch:
                 writer.write(p)
                 written += 1
+            stages["encode"] += time.process_time() - t
         if written == 0:
             raise ShardFailed(shard_id, attempts, dict(skips))
     if written < n_pairs:
@@ -160,6 +170,13 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
     stats.update(pairs=written, short_by=n_pairs - written, attempts=attempts, skips=dict(sorted(skips.items())),
                  wall_time_s=round(time.perf_counter() - t0, 3), entry=shard_entry(path), pid=os.getpid(),
                  peak_rss_mb=peak_rss_mb())
+    # CPU seconds (user + sys) of this process: before the shard (the worker's start-up and imports, on
+    # its first shard), the shard's total, the one-off build of the renderer and styliser in it, and
+    # the split by stage (benchmarks/bench_gen.py reads these).
+    stages.update({k: v - render_cpu0[k] for k, v in renderer.stage_cpu.items()})
+    stats.update(process_cpu_at_start_s=round(cpu0, 4), cpu_s=round(time.process_time() - cpu0, 4),
+                 setup_cpu_s=round(setup_cpu, 4),
+                 stage_cpu_s={k: round(v, 4) for k, v in sorted(stages.items())})
     return stats
 
 

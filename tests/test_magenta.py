@@ -147,3 +147,18 @@ def test_bad_options_are_refused(tmp_path):
 def test_missing_model_file_is_named(tmp_path, photo):
     with pytest.raises(MagentaModelError, match="arbitrary_predict.onnx: Magenta model file not found"):
         MagentaNetworks(model_dir=tmp_path).style_vector(photo)
+
+
+def test_builtin_styles_at_a_smaller_work_size(photo, networks):
+    """The 26-style network at a reduced size: same output size, close to the full-size result in
+    colour, not identical (it ran on fewer pixels); a bad work size is refused."""
+    weights = np.zeros(26, np.float32)
+    weights[4] = 1.0
+    full = networks.multistyle(photo, weights)
+    small = networks.multistyle(photo, weights, work_size=48)
+    assert small.shape == full.shape == photo.shape and small.dtype == np.uint8
+    assert not np.array_equal(small, full)
+    assert np.abs(small.mean((0, 1)) - full.mean((0, 1))).max() < 25  # the same style's palette
+    assert np.array_equal(networks.multistyle(photo, weights, work_size=200), full)  # never scaled up
+    with pytest.raises(ValueError, match="work_size"):
+        build_styliser("magenta", work_size=4)
