@@ -211,18 +211,29 @@ class PasteWarp:
         return self._apply(self.inv_affine, q)
 
 
-def dense_maps(warp: PasteWarp, size: int, stride: int, region=None):
+def _within(lat: np.ndarray, box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return (lat[..., 0] >= x0) & (lat[..., 0] <= x1) & (lat[..., 1] >= y0) & (lat[..., 1] <= y1)
+
+
+def dense_maps(warp: PasteWarp, size: int, stride: int, region=None, source_region=None):
     """Per-pixel maps both ways plus their exact lattice values.
 
     Returns dict with ``fwd_lattice``/``bwd_lattice`` ([n+2, n+2, 2], the cell-centre values, ring
-    included) and ``fwd``/``bwd`` ([size, size, 2] at pixel centres). ``region`` (x0, y0, x1, y1)
-    limits the numerical TPS inverse to target points near the pasted box (NaN elsewhere).
+    included) and ``fwd``/``bwd`` ([size, size, 2] at pixel centres). With a TPS, ``region`` (x0, y0,
+    x1, y1) limits the numerical inverse to target points near the pasted box, and
+    ``source_region`` the spline's evaluation to source points near the pasted context (NaN
+    elsewhere: nothing reads the maps there, and the spline costs most of a paste's geometry).
     """
     lat = lattice_points(size, size, stride)
-    fwd_lat = warp.forward(lat)
+    if warp.tps is not None and source_region is not None:
+        near = _within(lat, source_region)
+        fwd_lat = np.full_like(lat, np.nan)
+        fwd_lat[near] = warp.forward(lat[near])
+    else:
+        fwd_lat = warp.forward(lat)
     if warp.tps is not None and region is not None:
-        x0, y0, x1, y1 = region
-        near = (lat[..., 0] >= x0) & (lat[..., 0] <= x1) & (lat[..., 1] >= y0) & (lat[..., 1] <= y1)
+        near = _within(lat, region)
         bwd_lat = np.full_like(lat, np.nan)
         bwd_lat[near] = warp.backward(lat[near])
     else:

@@ -330,7 +330,10 @@ class PairRenderer:
                 tps, tps_params = draw_tps(rng, box, self.geometry)
                 reach = self.geometry.tps_jitter * max(box[2] - box[0], box[3] - box[1]) + 2 * g
                 region = (box[0] - reach, box[1] - reach, box[2] + reach, box[3] + reach)
-                maps = dense_maps(PasteWarp(affine, tps), size, g, region=region)
+                # The source side is read only at the context's pixels and at flow cells inside it.
+                rows, cols = np.flatnonzero(ctx.any(1)), np.flatnonzero(ctx.any(0))
+                source_region = (cols[0] - 2 * g, rows[0] - 2 * g, cols[-1] + 1 + 2 * g, rows[-1] + 1 + 2 * g)
+                maps = dense_maps(PasteWarp(affine, tps), size, g, region=region, source_region=source_region)
                 pastes.append(Paste(context0=ctx, maps=maps))
                 seg_meta.append({"id": s.id, "category": s.category, "area": s.area, "score": s.score,
                                  "dilation_px": self.dilation, **params,
