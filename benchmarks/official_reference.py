@@ -34,13 +34,15 @@ def _fit_ratio(rng: np.random.Generator, r_min: float) -> float:
     return float(np.linspace(r_min, 1.0, 10)[rng.choice(10, p=prob / prob.sum())])
 
 
-def _transform(rng, image: np.ndarray, mask: np.ndarray, cell, r_min: float):
-    """Scale, rotate, crop and fit one image + mask; returns (patch, patch mask, top-left in the cell)."""
+def _transform(rng, image: np.ndarray, mask: np.ndarray, cell, r_min: float, params: dict | None):
+    """Scale, rotate, crop and fit one image + mask; returns (patch, patch mask, top-left in the cell).
+    ``params`` (segswap's per-segment json: scale_x, scale_y, rotation_deg, fit_ratio, translation)
+    replaces the random draws, so both generators paste the same sizes."""
     h, w = mask.shape
-    sx, sy = rng.uniform(0.7, 1.0, size=2)
+    sx, sy = (params["scale_x"], params["scale_y"]) if params else rng.uniform(0.7, 1.0, size=2)
     size = (max(1, round(w * sx)), max(1, round(h * sy)))
     image, mask = cv2.resize(image, size), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    angle = float(rng.uniform(-15, 15))
+    angle = params["rotation_deg"] if params else float(rng.uniform(-15, 15))
     h, w = mask.shape
     c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
     bw, bh = int(w * c + h * s) + 1, int(w * s + h * c) + 1
@@ -51,28 +53,33 @@ def _transform(rng, image: np.ndarray, mask: np.ndarray, cell, r_min: float):
     x, y, bw, bh = cv2.boundingRect(mask)
     image, mask = image[y:y + bh, x:x + bw], mask[y:y + bh, x:x + bw]
     cx0, cy0, cx1, cy1 = cell
-    fit = min((cx1 - cx0) / bw, (cy1 - cy0) / bh) * _fit_ratio(rng, r_min)
+    fit = min((cx1 - cx0) / bw, (cy1 - cy0) / bh) * (params["fit_ratio"] if params else _fit_ratio(rng, r_min))
     size = (max(1, int(bw * fit)), max(1, int(bh * fit)))
     image, mask = cv2.resize(image, size), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    tx = int(rng.uniform(cx0, max(cx1 - size[0], cx0)))
-    ty = int(rng.uniform(cy0, max(cy1 - size[1], cy0)))
+    if params:
+        tx, ty = (int(v) for v in params["translation"])
+    else:
+        tx = int(rng.uniform(cx0, max(cx1 - size[0], cx0)))
+        ty = int(rng.uniform(cy0, max(cy1 - size[1], cy0)))
     return image, mask, (tx, ty)
 
 
 def reference_pair(rng: np.random.Generator, source: np.ndarray, background: np.ndarray, masks: list[np.ndarray],
-                   out_dir: str, key: str, size: int = 480, cells=None) -> tuple[np.ndarray, np.ndarray]:
+                   out_dir: str, key: str, size: int = 480, cells=None, params=None) -> tuple[np.ndarray, np.ndarray]:
     """Paste ``masks`` (full-resolution uint8 masks of ``source``) into ``background``; writes
     ``out_dir/key.{0,1}.jpg`` and returns (image 0, image 1). ``cells``: one layout cell per mask
-    (default: the whole image, fit ratios from 0.2; with several cells, from 0.5)."""
+    (default: the whole image, fit ratios from 0.2; with several cells, from 0.5); ``params``: one
+    dict of transform parameters per mask instead of random draws (see ``_transform``)."""
     cells = cells or [(0, 0, size, size)] * len(masks)
+    params = params or [None] * len(masks)
     r_min = 0.2 if len(masks) == 1 else 0.5
     img0 = cv2.resize(source, (size, size))
     img1 = cv2.resize(background, (size, size))
     kernel = np.ones((3, 3), np.uint8)
-    for mask, cell in zip(masks, cells):
+    for mask, cell, par in zip(masks, cells, params):
         small = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
         context = cv2.dilate(small, kernel, iterations=DILATION_ITERATIONS)
-        patch, patch_mask, (tx, ty) = _transform(rng, img0, context, cell, r_min)
+        patch, patch_mask, (tx, ty) = _transform(rng, img0, context, cell, r_min, par)
         ph, pw = patch_mask.shape
         ph, pw = min(ph, size - ty), min(pw, size - tx)
         src = np.zeros_like(img1)

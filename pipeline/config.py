@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import yaml
 
@@ -48,6 +49,7 @@ DEFAULTS = {
     "adain_weights": None,
     "style_strength": None,         # "LO:HI" (default: the styliser's own)
     "style_batch": 8,               # pairs rendered, then stylised together
+    "style_device": None,           # "cpu", "cuda", "cuda:N" (None: the styliser's own default)
     # how this invocation runs
     "out": "data/pairs",
     "num_shards": 8,
@@ -103,6 +105,8 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     sty.add_argument("--adain-weights", metavar="DIR", help="folder with vgg_normalised.pth and decoder.pth")
     sty.add_argument("--style-strength", metavar="LO:HI", help="style strength drawn uniformly in [LO, HI)")
     sty.add_argument("--style-batch", type=int, metavar="N", help=f"pairs stylised together (default {DEFAULTS['style_batch']})")
+    sty.add_argument("--style-device", metavar="DEV", help="where the styliser runs: cpu, cuda, cuda:N (default: adain "
+                     "on CUDA when there is one, magenta on cpu); a worker's batch of pairs goes through in batches")
 
     run = p.add_argument_group("running")
     run.add_argument("--out", metavar="DIR", help=f"output folder (default {DEFAULTS['out']})")
@@ -215,6 +219,11 @@ def validate(cfg: dict, source: str = "options") -> dict:
         fail("blend", f"choose one of {BLEND_CHOICES}, got {cfg['blend']!r}")
     if cfg["style"] not in STYLE_CHOICES:
         fail("style", f"choose one of {STYLE_CHOICES}, got {cfg['style']!r}")
+    device = cfg["style_device"]
+    if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", device)):
+        fail("style_device", f"must be cpu, auto, cuda or cuda:N, got {device!r}")
+    if device is not None and cfg["style"] == "none":
+        fail("style_device", "--style none runs no styliser; drop --style-device or choose a style")
     for key in DICT_KEYS:
         if cfg[key] is None:
             cfg[key] = {}

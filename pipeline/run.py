@@ -98,7 +98,8 @@ def make_job(cfg: dict, segments_json: str, images_dir: str) -> dict:
                      "min_cells": cfg["min_cells"], "p_two_object": cfg["p_two_object"], **cfg["render"]},
         "style": cfg["style"],
         "styliser": {"style_images": cfg["style_images"], "adain_weights": cfg["adain_weights"],
-                     "strength": tuple(cfg["style_strength"]) if cfg["style_strength"] else None},
+                     "strength": tuple(cfg["style_strength"]) if cfg["style_strength"] else None,
+                     "device": cfg["style_device"]},
     }
     from segswap.pipeline.render import RENDER_DEFAULTS
 

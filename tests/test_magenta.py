@@ -149,16 +149,16 @@ def test_missing_model_file_is_named(tmp_path, photo):
         MagentaNetworks(model_dir=tmp_path).style_vector(photo)
 
 
-def test_builtin_styles_at_a_smaller_work_size(photo, networks):
-    """The 26-style network at a reduced size: same output size, close to the full-size result in
-    colour, not identical (it ran on fewer pixels); a bad work size is refused."""
+def test_builtin_styles_at_a_smaller_work_scale(photo, networks):
+    """The 26-style network on a scaled-down image: same output size, the same style's palette, not
+    identical to the full-size result (it ran on fewer pixels); a bad scale is refused."""
     weights = np.zeros(26, np.float32)
     weights[4] = 1.0
     full = networks.multistyle(photo, weights)
-    small = networks.multistyle(photo, weights, work_size=48)
+    small = networks.multistyle(photo, weights, work_scale=0.5)
     assert small.shape == full.shape == photo.shape and small.dtype == np.uint8
     assert not np.array_equal(small, full)
-    assert np.abs(small.mean((0, 1)) - full.mean((0, 1))).max() < 25  # the same style's palette
-    assert np.array_equal(networks.multistyle(photo, weights, work_size=200), full)  # never scaled up
-    with pytest.raises(ValueError, match="work_size"):
-        build_styliser("magenta", work_size=4)
+    assert np.abs(small.mean((0, 1)) - full.mean((0, 1))).max() < 25
+    assert np.array_equal(networks.multistyle(photo, weights, work_scale=1.0), full)
+    with pytest.raises(ValueError, match="work_scale"):
+        build_styliser("magenta", work_scale=0)
