@@ -252,3 +252,49 @@ def test_unsupervised_sources_pair_only_segments_whose_boxes_are_apart():
     segs = [SimpleNamespace(bbox=b) for b in ([0, 0, 50, 50], [10, 10, 20, 20], [60, 0, 30, 30], [0, 55, 40, 10])]
     assert _pairs_apart(segs) == [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     assert _pairs_apart(segs[:2]) == []
+
+
+def _render_fields(renderer, n, root):
+    out = []
+    for i in range(n):
+        try:
+            p = renderer.render_pair(np.random.default_rng([root, i]), sample_key(root, i))
+        except SkipPair as e:
+            out.append(e.reason)
+            continue
+        out.append((p.img0, p.img1, p.mask0, p.mask1, p.flow01, p.flow10, p.meta))
+    return out
+
+
+@pytest.mark.parametrize("blend", ["cv2", "pyamg"])
+def test_work_on_boxes_gives_the_whole_image_result(index, fixture, monkeypatch, blend):
+    """Dilation, warp and blend on the region's box, the TPS only near the context, the ground
+    truth's lookups only where they can matter: the same pairs as with all of it on whole images."""
+    from segswap.pipeline import geometry, groundtruth, render
+
+    kw = dict(blend=blend, p_tps=1.0)  # every paste with a TPS: the restricted evaluations are used
+    fast = _render_fields(_renderer(index, fixture, **kw), 8, root=3)
+    whole = lambda mask, margin: (slice(None), slice(None))  # noqa: E731
+    monkeypatch.setattr(render, "box_around", whole)
+    monkeypatch.setattr(groundtruth.Paste, "target_box", lambda self, shape: (slice(None), slice(None)))
+    dense = geometry.dense_maps
+    monkeypatch.setattr(render, "dense_maps", lambda *a, source_region=None, **k: dense(*a, **k))
+    slow = _render_fields(_renderer(index, fixture, **kw), 8, root=3)
+    assert sum(not isinstance(f, str) for f in fast) >= 4
+    for a, b in zip(fast, slow):
+        if isinstance(a, str) or isinstance(b, str):
+            assert a == b
+            continue
+        for x, y in zip(a[:6], b[:6]):
+            assert np.array_equal(x, y, equal_nan=True)
+        assert a[6] == b[6]
+
+
+def test_stage_cpu_is_recorded(index, fixture):
+    from segswap.pipeline.render import RENDER_STAGES
+
+    r = _renderer(index, fixture)
+    got, _ = _render_some(r, 4)
+    assert got and set(r.stage_cpu) <= set(RENDER_STAGES)
+    assert {"segments", "geometry", "ground_truth", "blend"} <= set(r.stage_cpu)
+    assert all(v >= 0 for v in r.stage_cpu.values())
