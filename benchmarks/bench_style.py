@@ -3,8 +3,9 @@
     python benchmarks/bench_style.py [--images 8] [--size 480] [--threads 1] [--pairs 4] [--skip-gen]
 
 Prints:
-1. images/s at SIZE x SIZE on CPU with THREADS threads (one generator worker) for
-   - magenta, built-in styles (multistyle26, full resolution),
+1. images/s and CPU-s per image (user + sys: what a cluster bills) at SIZE x SIZE on CPU with THREADS
+   threads (one generator worker) for
+   - magenta, built-in styles (multistyle26 at the default work scale 2/3, and at full size),
    - magenta, style images (style prediction + 384 px transformer; painting vectors cached),
    - adain (random He-initialised weights in the public layout: timing only), paintings cached,
    each with batch_size 1 (one stylise() call per image) and 8 (one call per 8 images), after one
@@ -60,28 +61,33 @@ def content_images(n: int, size: int) -> list[np.ndarray]:
     return [cv2.resize(photos[i % len(photos)], (size, size), interpolation=cv2.INTER_AREA) for i in range(n)]
 
 
-def images_per_s(styliser, images: list[np.ndarray], batch: int) -> float:
+def images_per_s(styliser, images: list[np.ndarray], batch: int) -> tuple[float, float]:
+    """(images per wall-clock second, CPU-s per image)."""
     rng = np.random.default_rng(0)
     styliser.stylise(images[:batch], rng)  # warm-up: sessions, caches, allocator
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for start in range(0, len(images), batch):
         styliser.stylise(images[start:start + batch], rng)
-    return len(images) / (time.perf_counter() - t)
+    return len(images) / (time.perf_counter() - t), (time.process_time() - cpu) / len(images)
 
 
 def bench_throughput(n: int, size: int, paintings: Path, weights: Path) -> None:
     print(f"== stylisation throughput: {n} images at {size}x{size}, CPU, torch threads {torch.get_num_threads()}")
     images = content_images(n, size)
+    from segswap.pipeline.style_magenta import MagentaStyliser
+
     setups = {
         "magenta builtin": lambda b: build_styliser("magenta", batch_size=b),
+        "magenta builtin 1:1": lambda b: MagentaStyliser(batch_size=b, work_scale=1.0),
         "magenta paintings": lambda b: build_styliser("magenta", style_images=str(paintings), batch_size=b),
         "adain paintings": lambda b: build_styliser("adain", style_images=str(paintings), adain_weights=str(weights),
                                                     batch_size=b, device="cpu"),
     }
     for name, make in setups.items():
-        rates = {b: images_per_s(make(b), images, b) for b in (1, 8)}
-        print(f"{name:>18}: batch 1 {rates[1]:.3f} images/s ({1000 / rates[1]:.0f} ms/image), "
-              f"batch 8 {rates[8]:.3f} images/s; batch 8 / batch 1 = {rates[8] / rates[1]:.2f}")
+        runs = {b: images_per_s(make(b), images, b) for b in (1, 8)}
+        (r1, c1), (r8, c8) = runs[1], runs[8]
+        print(f"{name:>20}: batch 1 {r1:.3f} images/s, {c1:.4f} CPU-s/image; batch 8 {r8:.3f} images/s, "
+              f"{c8:.4f} CPU-s/image; batch 8 / batch 1 speed = {r8 / r1:.2f} (load {os.getloadavg()[0]:.1f})")
 
 
 def bench_share(pairs: int, size: int, paintings: Path, weights: Path) -> None:

@@ -263,10 +263,16 @@ class PairRenderer:
             raise SkipPair("overlapping_segments", f"segments overlap on {overlap} pixels")
         b = b & ~a
         # Each context pixel goes to the nearer segment, so the two pasted regions never overlap.
-        da = cv2.distanceTransform((~a).astype(np.uint8), cv2.DIST_L2, 5)
-        db = cv2.distanceTransform((~b).astype(np.uint8), cv2.DIST_L2, 5)
-        ctx_a = self._dilate(a) & (da <= db)
-        ctx_b = self._dilate(b) & (db < da)
+        # Distances only matter inside the dilations, which the box around both holds, and a
+        # chamfer distance between two points of a box is measured inside it: same values.
+        ra, ca = box_around(a, self.dilation)
+        rb, cb = box_around(b, self.dilation)
+        box = (slice(min(ra.start, rb.start), max(ra.stop, rb.stop)), slice(min(ca.start, cb.start), max(ca.stop, cb.stop)))
+        da = cv2.distanceTransform((~a[box]).astype(np.uint8), cv2.DIST_L2, 5)
+        db = cv2.distanceTransform((~b[box]).astype(np.uint8), cv2.DIST_L2, 5)
+        ctx_a, ctx_b = self._dilate(a), self._dilate(b)
+        ctx_a[box] &= da <= db
+        ctx_b[box] &= db < da
         return [ctx_a, ctx_b]
 
     def _dilate(self, mask: np.ndarray) -> np.ndarray:

@@ -274,7 +274,7 @@ def test_work_on_boxes_gives_the_whole_image_result(index, fixture, monkeypatch,
 
     kw = dict(blend=blend, p_tps=1.0)  # every paste with a TPS: the restricted evaluations are used
     fast = _render_fields(_renderer(index, fixture, **kw), 8, root=3)
-    whole = lambda mask, margin: (slice(None), slice(None))  # noqa: E731
+    whole = lambda mask, margin: (slice(0, mask.shape[0]), slice(0, mask.shape[1]))  # noqa: E731
     monkeypatch.setattr(render, "box_around", whole)
     monkeypatch.setattr(groundtruth.Paste, "target_box", lambda self, shape: (slice(None), slice(None)))
     dense = geometry.dense_maps
