@@ -8,7 +8,8 @@ process on the default corpus (unsupervised segments of the embedded scikit-imag
 beforehand) with the command's defaults, and prints figures and ratios only:
 
 1. per setting (style none/magenta x blend none/cv2/pyamg), CPU-s per pair written and per stage:
-   segments (draws, decoding, resizing, context masks), geometry (transforms, dense warp maps),
+   decode (image files, on the renderer's cache misses), segments (draws, mask decoding, resizing,
+   context masks), geometry (transforms, dense warp maps),
    ground truth (ownership, masks, flows), blend (warp + blend, also per paste), style (per image too),
    encode (JPEG/PNG/npy/json into a shard tar); skipped draws are included (they are part of the job);
 2. the same pairs through ``official_reference.py`` (the official generator's CPU steps: mask, 20-iteration
