@@ -211,9 +211,15 @@ class PasteWarp:
         return self._apply(self.inv_affine, q)
 
 
-def _within(lat: np.ndarray, box) -> np.ndarray:
+def _map_within(fn, lat: np.ndarray, box, restrict: bool) -> np.ndarray:
+    """``fn`` at the lattice points, or (``restrict``) only at those inside box (x0, y0, x1, y1), NaN elsewhere."""
+    if not restrict:
+        return fn(lat)
     x0, y0, x1, y1 = box
-    return (lat[..., 0] >= x0) & (lat[..., 0] <= x1) & (lat[..., 1] >= y0) & (lat[..., 1] <= y1)
+    near = (lat[..., 0] >= x0) & (lat[..., 0] <= x1) & (lat[..., 1] >= y0) & (lat[..., 1] <= y1)
+    out = np.full_like(lat, np.nan)
+    out[near] = fn(lat[near])
+    return out
 
 
 def dense_maps(warp: PasteWarp, size: int, stride: int, region=None, source_region=None):
@@ -226,18 +232,8 @@ def dense_maps(warp: PasteWarp, size: int, stride: int, region=None, source_regi
     elsewhere: nothing reads the maps there, and the spline costs most of a paste's geometry).
     """
     lat = lattice_points(size, size, stride)
-    if warp.tps is not None and source_region is not None:
-        near = _within(lat, source_region)
-        fwd_lat = np.full_like(lat, np.nan)
-        fwd_lat[near] = warp.forward(lat[near])
-    else:
-        fwd_lat = warp.forward(lat)
-    if warp.tps is not None and region is not None:
-        near = _within(lat, region)
-        bwd_lat = np.full_like(lat, np.nan)
-        bwd_lat[near] = warp.backward(lat[near])
-    else:
-        bwd_lat = warp.backward(lat)
+    fwd_lat = _map_within(warp.forward, lat, source_region, warp.tps is not None and source_region is not None)
+    bwd_lat = _map_within(warp.backward, lat, region, warp.tps is not None and region is not None)
     return {"fwd_lattice": fwd_lat, "bwd_lattice": bwd_lat,
             "fwd": upsample_lattice(fwd_lat, size, size, stride), "bwd": upsample_lattice(bwd_lat, size, size, stride)}
 
