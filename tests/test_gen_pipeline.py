@@ -13,6 +13,7 @@ from coco_fixture import write_coco_fixture
 
 from segswap.pipeline import cli
 from segswap.shards import cli as shards_cli
+from segswap.shards.format import RENDERER_VERSION
 from segswap.shards.reader import iter_pairs
 
 NUM_SHARDS = 3
@@ -59,6 +60,13 @@ def test_reference_run_verifies_and_records(reference, coco, capsys):
     assert manifest["packages"]["numpy"] and manifest["wall_time_s"] > 0
     index = json.loads((reference / "index.json").read_text())
     assert [e["nsamples"] for e in index["shardlist"]] == [PAIRS] * NUM_SHARDS
+    assert all(p.meta["renderer_version"] == RENDERER_VERSION for p in pairs)
+    # each shard's CPU seconds, split by stage, for benchmarks/bench_gen.py
+    parts = [json.loads(f.read_text()) for f in sorted((reference / "manifests").iterdir())]
+    for stats in (s for part in parts for s in part["shards"].values()):
+        stages = stats["stage_cpu_s"]
+        assert {"segments", "geometry", "ground_truth", "blend", "encode"} <= set(stages)
+        assert stats["cpu_s"] >= sum(stages.values()) - 0.01 and stats["process_cpu_at_start_s"] > 0
 
 
 def test_config_yaml_reproduces_the_dataset(reference, tmp_path):
