@@ -105,8 +105,8 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     sty.add_argument("--adain-weights", metavar="DIR", help="folder with vgg_normalised.pth and decoder.pth")
     sty.add_argument("--style-strength", metavar="LO:HI", help="style strength drawn uniformly in [LO, HI)")
     sty.add_argument("--style-batch", type=int, metavar="N", help=f"pairs stylised together (default {DEFAULTS['style_batch']})")
-    sty.add_argument("--style-device", metavar="DEV", help="where the styliser runs: cpu, cuda, cuda:N (default: adain "
-                     "on CUDA when there is one, magenta on cpu); a worker's batch of pairs goes through in batches")
+    sty.add_argument("--style-device", metavar="DEV", help="where the styliser runs: adain cpu, auto, cuda or cuda:N "
+                     "(default auto: CUDA when there is one), magenta cpu or cuda (default cpu)")
 
     run = p.add_argument_group("running")
     run.add_argument("--out", metavar="DIR", help=f"output folder (default {DEFAULTS['out']})")
@@ -224,6 +224,8 @@ def validate(cfg: dict, source: str = "options") -> dict:
         fail("style_device", f"must be cpu, auto, cuda or cuda:N, got {device!r}")
     if device is not None and cfg["style"] == "none":
         fail("style_device", "--style none runs no styliser; drop --style-device or choose a style")
+    if device is not None and cfg["style"] == "magenta" and device not in ("cpu", "cuda"):
+        fail("style_device", f"--style magenta runs on cpu or cuda, got {device!r}")
     for key in DICT_KEYS:
         if cfg[key] is None:
             cfg[key] = {}

@@ -89,21 +89,18 @@ def generate_shard(job: dict, shard_id: int) -> dict:
     all is not written.
     """
     import cv2
+    import torch
     from threadpoolctl import threadpool_limits
 
-    # torch only where a styliser (AdaIN) loaded it: importing it costs a plain worker ~1 CPU-s.
-    torch = sys.modules.get("torch") if job["style"] != "adain" else __import__("torch")
-    threads = (cv2.getNumThreads(), torch.get_num_threads() if torch else None)
+    threads = (cv2.getNumThreads(), torch.get_num_threads())
     cv2.setNumThreads(1)
-    if torch:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1):
             return _generate_shard(job, shard_id)
     finally:
         cv2.setNumThreads(threads[0])
-        if torch:
-            torch.set_num_threads(threads[1])
+        torch.set_num_threads(threads[1])
 
 
 def _generate_shard(job: dict, shard_id: int) -> dict:

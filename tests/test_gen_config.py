@@ -56,6 +56,7 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, match):
     (["--p-two-object", "1.5"], r"\[0, 1\]"),
     (["--style-device", "gpu"], "cpu, auto, cuda or cuda:N"),
     (["--style", "none", "--style-device", "cpu"], "runs no styliser"),
+    (["--style-device", "cuda:1"], "magenta runs on cpu or cuda"),
 ])
 def test_bad_flags(argv, match):
     with pytest.raises(ConfigError, match=match):
