@@ -226,7 +226,7 @@ def dense_maps(warp: PasteWarp, size: int, stride: int, region=None, source_regi
     """Per-pixel maps both ways plus their exact lattice values.
 
     Returns dict with ``fwd_lattice``/``bwd_lattice`` ([n+2, n+2, 2], the cell-centre values, ring
-    included) and ``fwd``/``bwd`` ([size, size, 2] at pixel centres). With a TPS, ``region`` (x0, y0,
+    included), ``fwd``/``bwd`` ([size, size, 2] at pixel centres) and ``stride``. With a TPS, ``region`` (x0, y0,
     x1, y1) limits the numerical inverse to target points near the pasted box, and
     ``source_region`` the spline's evaluation to source points near the pasted context (NaN
     elsewhere: nothing reads the maps there, and the spline costs most of a paste's geometry).
@@ -234,7 +234,7 @@ def dense_maps(warp: PasteWarp, size: int, stride: int, region=None, source_regi
     lat = lattice_points(size, size, stride)
     fwd_lat = _map_within(warp.forward, lat, source_region, warp.tps is not None and source_region is not None)
     bwd_lat = _map_within(warp.backward, lat, region, warp.tps is not None and region is not None)
-    return {"fwd_lattice": fwd_lat, "bwd_lattice": bwd_lat,
+    return {"fwd_lattice": fwd_lat, "bwd_lattice": bwd_lat, "stride": stride,
             "fwd": upsample_lattice(fwd_lat, size, size, stride), "bwd": upsample_lattice(bwd_lat, size, size, stride)}
 
 

@@ -59,6 +59,9 @@ class Paste:
         node box misses the context's box (grown by a pixel against rounding) are skipped.
         """
         h, w = shape
+        g = self.maps.get("stride")
+        if g is None:  # maps made elsewhere, lattice spacing unknown: the whole image
+            return slice(0, h), slice(0, w)
         rows, cols = np.flatnonzero(self.context0.any(1)), np.flatnonzero(self.context0.any(0))
         lat = self.maps["bwd_lattice"]
         corners = np.stack([lat[:-1, :-1], lat[1:, :-1], lat[:-1, 1:], lat[1:, 1:]])
@@ -70,7 +73,6 @@ class Paste:
         if not hit.any():
             return slice(0, 0), slice(0, 0)
         # Cell (i, j) spans lattice nodes i..i+1, whose pixel centres are at (i - 1 + 0.5) * g (ring first).
-        g = self.maps["fwd"].shape[0] // (lat.shape[0] - 2) if lat.shape[0] > 2 else 1
         ci, cj = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
         r0, r1 = int((ci[0] - 0.5) * g) - 1, int((ci[-1] + 0.5) * g) + 2
         c0, c1 = int((cj[0] - 0.5) * g) - 1, int((cj[-1] + 0.5) * g) + 2
