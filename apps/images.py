@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 
-from segswap.pipeline.images import BadImage, load_rgb
-from segswap.pipeline.images import resize_rgb as _resize
+from segswap.core.images import BadImage, load_rgb
+from segswap.core.images import resize_rgb as _resize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import torch
 
+from segswap.core.images import load_rgb
 from segswap.nets.device import resolve_device
-from segswap.pipeline.images import load_rgb
 
 log = logging.getLogger("segswap.predict")
 DEFAULT_SIZE = 480

@@ -111,7 +111,7 @@ class CropBatches(Dataset):
         return self.num_steps
 
     def _load(self, files: list[Path], index: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        from segswap.pipeline.images import BadImage, load_rgb
+        from segswap.core.images import BadImage, load_rgb
 
         for tries in range(len(files)):
             path = files[(index + tries) % len(files)]

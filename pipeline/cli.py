@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from segswap.core.logs import setup_logging
 from segswap.pipeline.config import ConfigError, get_parser, resolve
-from segswap.pipeline.logs import setup_logging
 
 log = logging.getLogger("segswap.gen")
 

@@ -26,8 +26,8 @@ import shutil
 import time
 from collections import Counter
 
+from segswap.core.logs import Progress
 from segswap.pipeline.config import ConfigError, dataset_config, selected_shards
-from segswap.pipeline.logs import Progress
 from segswap.pipeline.task import ShardFailed, generate_shard, job_fingerprint
 from segswap.shards import index as shard_index
 from segswap.shards.format import SHARD_PATTERN

@@ -104,7 +104,7 @@ def generate_shard(job: dict, shard_id: int) -> dict:
 
 
 def _generate_shard(job: dict, shard_id: int) -> dict:
-    from segswap.pipeline.images import BadImage
+    from segswap.core.images import BadImage
     from segswap.pipeline.render import SkipPair
 
     t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def embedded_coco(dest_dir) -> Path:
     from pycocotools import mask as mask_utils
     from skimage.segmentation import felzenszwalb
 
-    from segswap.pipeline.images import load_rgb
+    from segswap.core.images import load_rgb
 
     dest = Path(dest_dir)
     out = dest / "embedded_segments.json"

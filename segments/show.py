@@ -62,7 +62,7 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     unsupervised segment file, else the json's folder). Missing or unreadable images are skipped with a
     note on stderr.
     """
-    from segswap.pipeline.images import BadImage, load_rgb
+    from segswap.core.images import BadImage, load_rgb
 
     json_path = Path(json_path)
     coco = json.loads(json_path.read_text())

@@ -136,7 +136,7 @@ class ExtractionParams:
 
 def check_content(rgb: np.ndarray, path, params: ExtractionParams) -> None:
     """Raise BadImage for images that load but cannot hold segments (blank / single-colour)."""
-    from segswap.pipeline.images import BadImage
+    from segswap.core.images import BadImage
 
     # Percentiles, not min/max: a blank scan with a few dust specks or JPEG ringing is still blank.
     lo, hi = np.percentile(rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 200_000)], [1, 99], axis=0)
@@ -285,7 +285,7 @@ def image_seed(root_seed: int, index: int) -> int:
 
 def extract_chunk(items: list[tuple[int, str, str]], features: str, params: ExtractionParams, seed: int) -> dict:
     """Extract segments for (index, path, file_name) items; returns the part dict (never raises BadImage)."""
-    from segswap.pipeline.images import BadImage, load_rgb
+    from segswap.core.images import BadImage, load_rgb
 
     extractor = _get_extractor(features)
     records = []
