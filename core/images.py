@@ -21,8 +21,11 @@ What it does with the usual oddities:
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 100_000_000
 # Below this side length an image carries no usable segment or background.
 DEFAULT_MIN_SIDE = 8
+# File name endings read as images (lower case); every lister in segswap uses this one list.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
 class BadImage(ValueError):
@@ -46,29 +51,60 @@ class BadImage(ValueError):
         return (BadImage, (self.path, self.reason))
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == bool:
-        return arr.astype(np.uint8) * 255
-    if np.issubdtype(arr.dtype, np.integer):
-        # 16-bit data (Pillow modes I;16 / I): full range 0..65535 -> 0..255.
-        return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
-    return np.clip(np.rint(arr.astype(np.float64)), 0, 255).astype(np.uint8)
+# Conversions run over bands of rows so that no full-size temporary wider than uint8 RGB exists: peak
+# memory is the decoded Pillow image plus the uint8 output plus one band (a 100-megapixel RGBA PNG
+# used to cost 16 bytes per pixel in float32 alone).
+BAND_PIXELS = 1 << 20
+
+
+def _bands(h: int, w: int):
+    rows = max(1, BAND_PIXELS // max(w, 1))
+    for y0 in range(0, h, rows):
+        yield y0, min(h, y0 + rows)
+
+
+def _gray_to_uint8(band: np.ndarray) -> np.ndarray:
+    """One band of a single-channel image (bool, 8/16/32-bit integers, float) as uint8."""
+    if band.dtype == np.uint8:
+        return band
+    if band.dtype == bool:
+        return band.astype(np.uint8) * 255
+    if np.issubdtype(band.dtype, np.integer):
+        # 16-bit data (Pillow modes I;16 / I): full range 0..65535 -> 0..255 by rounding v / 257. The
+        # integer form (v + 128) // 257 is exact: v / 257 is never exactly half-way for integer v.
+        v = np.clip(band.astype(np.int64, copy=False), 0, 65535)
+        return ((v + 128) // 257).astype(np.uint8)
+    return np.clip(np.rint(band), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 [h, w, 4] -> uint8 [h, w, 3]: c * a/255 + 255 * (1 - a/255), rounded to nearest.
+
+    Integer arithmetic on one band: (c * a + 255 * (255 - a) + 127) // 255 is the exact rounding
+    (the quotient by 255 is never half-way for an integer numerator).
+    """
+    c = rgba[..., :3].astype(np.uint32)
+    a = rgba[..., 3:4].astype(np.uint32)
+    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im)
+    w, h = im.size
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        if mode != "RGBA":
+            im = im.convert("RGBA")
+        out = np.empty((h, w, 3), np.uint8)
+        for y0, y1 in _bands(h, w):
+            out[y0:y1] = _composite_on_white(np.asarray(im.crop((0, y0, w, y1))))
+        return out
     if mode.startswith("I") or mode == "F":
-        gray = _to_uint8(np.asarray(im))
-        return np.repeat(gray[..., None], 3, axis=2)
+        out = np.empty((h, w, 3), np.uint8)
+        for y0, y1 in _bands(h, w):
+            out[y0:y1] = _gray_to_uint8(np.asarray(im.crop((0, y0, w, y1))))[..., None]
+        return out
     return np.asarray(im.convert("RGB"))
 
 
@@ -82,6 +118,8 @@ def load_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
         size = os.path.getsize(path)
     except OSError as e:
         raise BadImage(path, f"cannot read file ({e.strerror or e})") from e
+    if os.path.isdir(path):
+        raise BadImage(path, "a directory, not an image file")
     if size == 0:
         raise BadImage(path, "empty file (0 bytes)")
     try:
@@ -97,7 +135,8 @@ def load_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
                 if min(w, h) < min_side:
                     raise BadImage(path, f"image is {w}x{h} pixels, smaller than {min_side} px on a side")
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                # In place: the rotated copy replaces the decoded pixels instead of living beside them.
+                ImageOps.exif_transpose(im, in_place=True)
                 rgb = _to_rgb_array(im)
     except BadImage:
         raise
@@ -123,3 +162,70 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
         return rgb.copy()
     shrinking = width < w and height < h
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+@dataclass
+class ImageListing:
+    """What :func:`list_images` found: ``files`` (sorted) and ``skipped`` = [(path, reason)]."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def list_images(folder, *, extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS, recursive: bool = True
+                ) -> ImageListing:
+    """The image files under ``folder``, sorted, and the entries that look like images but are not.
+
+    Hidden entries (a leading dot, e.g. files being written) are ignored. ``extensions=None`` lists
+    every regular file (the caller checks the contents). Symlinks are followed, to files and to
+    folders; an entry that cannot be read as a file is *named* in ``skipped`` rather than dropped
+    silently: a folder named like an image (``x.jpg/``; its contents are still listed when
+    recursing), a broken symlink, a symlink loop, a socket or pipe. File names need not be UTF-8
+    (they come back as ``Path`` objects holding the raw bytes, ``os.fsdecode`` style).
+    Raises ``NotADirectoryError`` naming ``folder`` when it is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a directory")
+    listing = ImageListing()
+    seen_dirs = {os.path.realpath(folder)}
+
+    def wanted(name: str) -> bool:
+        return extensions is None or name.lower().endswith(extensions)
+
+    def visit(d: Path) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            listing.skipped.append((d, f"cannot list folder ({e.strerror or e})"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                st = os.stat(entry.path)  # follows symlinks
+            except OSError as e:
+                if wanted(entry.name) or entry.is_symlink():
+                    reason = "symlink loop" if e.errno == errno.ELOOP else "broken symlink" if entry.is_symlink() else "cannot read"
+                    listing.skipped.append((path, f"{reason} ({e.strerror or e})"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if entry.name.lower().endswith(extensions or IMAGE_EXTENSIONS):
+                    listing.skipped.append((path, "a directory, not an image file"))
+                if recursive:
+                    real = os.path.realpath(entry.path)
+                    if real in seen_dirs:
+                        listing.skipped.append((path, f"symlink loop (folder {real} is listed already)"))
+                        continue
+                    seen_dirs.add(real)
+                    visit(path)
+            elif wanted(entry.name):
+                if stat.S_ISREG(st.st_mode):
+                    listing.files.append(path)
+                else:
+                    listing.skipped.append((path, "not a regular file (socket, pipe or device)"))
+
+    visit(folder)
+    listing.files.sort()
+    return listing

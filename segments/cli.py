@@ -18,7 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from segswap.segments.unsupervised import ExtractionParams, run_extraction
+from segswap.segments.params import ExtractionParams
+from segswap.segments.unsupervised import run_extraction
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
