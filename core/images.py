@@ -229,3 +229,17 @@ def list_images(folder, *, extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS
     visit(folder)
     listing.files.sort()
     return listing
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write uint8 RGB [H, W, 3] (or grey [H, W]) as a PNG, atomically, creating the folder."""
+    import cv2
+
+    from segswap.core.atomic import atomic_write
+
+    rgb = np.ascontiguousarray(rgb)
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    atomic_write(path, buf.tobytes())

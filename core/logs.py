@@ -96,6 +96,8 @@ class Progress:
             if self._bar is not None:
                 self._bar.total = total
         self.update(done - self.done)
+        if self.done >= self.total:
+            self.close()
 
     def close(self) -> None:
         if self._bar is not None:

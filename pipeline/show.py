@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
 import sys
 
 import cv2
 import numpy as np
 
+from segswap.core.images import write_png
 from segswap.shards.format import Pair
 from segswap.shards.reader import iter_pairs
 
@@ -104,12 +104,6 @@ def contact_sheet(pairs, tile: int = 224, n_lines: int = 12, seed: int = 0) -> n
     return np.concatenate(padded, axis=0)
 
 
-def write_png(path: str, rgb: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"{path}: could not write PNG")
-    os.replace(tmp, path)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from segswap.core.images import write_png
+from segswap.segments.coco import segmentation_to_rle
 
 
 def _palette(k: int) -> tuple[int, int, int]:
@@ -33,7 +35,8 @@ def _tile(rgb: np.ndarray, anns: list[dict], title: str, tile_height: int, alpha
     overlay = bgr.copy()
     outlines = []
     for k, ann in enumerate(anns):
-        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+        # Polygons are in the image's pixel coordinates: rasterise them at the image's size.
+        mask = mask_utils.decode(segmentation_to_rle(ann["segmentation"], *bgr.shape[:2])).astype(bool)
         if mask.shape != bgr.shape[:2]:
             mask = cv2.resize(mask.astype(np.uint8), bgr.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
         overlay[mask] = _palette(k)
@@ -99,11 +102,7 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     sheet = np.concatenate([np.pad(r, ((0, 4), (0, full_width - r.shape[1]), (0, 0)), constant_values=255)
                             for r in rows], axis=0)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.stem + ".tmp" + out_png.suffix)
-    if not cv2.imwrite(str(tmp), sheet):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, out_png)
+    write_png(out_png, sheet[..., ::-1])  # the sheet is BGR (cv2 drawing)
     return out_png
 
 
