@@ -258,8 +258,3 @@ def selected_shards(cfg: dict) -> list[int]:
 def dataset_config(cfg: dict) -> dict:
     """The keys that decide the content of the shards (every part of a dataset must agree on them)."""
     return {k: v for k, v in cfg.items() if k not in RUN_KEYS}
-
-
-def parse_args(argv=None) -> tuple[dict, argparse.Namespace]:
-    ns = get_parser().parse_args(argv)
-    return resolve(vars(ns)), ns
