@@ -54,7 +54,7 @@ class BadImage(ValueError):
 # Conversions run over bands of rows so that no full-size temporary wider than uint8 RGB exists: peak
 # memory is the decoded Pillow image plus the uint8 output plus one band (a 100-megapixel RGBA PNG
 # used to cost 16 bytes per pixel in float32 alone).
-BAND_PIXELS = 1 << 20
+BAND_PIXELS = 1 << 17
 
 
 def _bands(h: int, w: int):
@@ -80,12 +80,16 @@ def _gray_to_uint8(band: np.ndarray) -> np.ndarray:
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """uint8 [h, w, 4] -> uint8 [h, w, 3]: c * a/255 + 255 * (1 - a/255), rounded to nearest.
 
-    Integer arithmetic on one band: (c * a + 255 * (255 - a) + 127) // 255 is the exact rounding
-    (the quotient by 255 is never half-way for an integer numerator).
+    The same value is 255 - (255 - c) * a / 255, and (v + 127) // 255 rounds v / 255 exactly (never
+    half-way for an integer v), so 16-bit integer arithmetic on one band suffices: (255 - c) * a + 127
+    is at most 65152.
     """
-    c = rgba[..., :3].astype(np.uint32)
-    a = rgba[..., 3:4].astype(np.uint32)
-    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    a = rgba[..., 3:4].astype(np.uint16)
+    v = 255 - rgba[..., :3].astype(np.uint16)
+    v *= a
+    v += 127
+    v //= 255
+    return (255 - v).astype(np.uint8)
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:

@@ -102,25 +102,22 @@ def run_tasks(fn, tasks, on_result, *, ray=None, workers: int = 1, expected: tup
     remote = ray.remote(num_cpus=1, max_retries=max_retries)(fn)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     max_in_flight = max(1, in_flight_per_worker * max(workers, cpus))
+    # Interrupted or failed, tasks still queued end with the session (ray.shutdown stops the workers):
+    # cancelling them here races with their completion and crashes Ray's core worker (Ray 2.60).
     queue, pending = list(tasks), {}
-    try:
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                key, args = queue.pop(0)
-                pending[remote.remote(*args)] = key
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            key = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except expected as e:  # a RayTaskError is also an instance of the task's exception class
-                on_result(key, None, e)
-                continue
-            except lost as e:
-                # Lost after Ray's retries: hand it on and finish the others; a rerun redoes this one.
-                on_result(key, None, e)
-                continue
-            on_result(key, result, None)
-    finally:
-        for ref in pending:  # interrupted or failed: do not leave queued work running
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            key, args = queue.pop(0)
+            pending[remote.remote(*args)] = key
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except expected as e:  # a RayTaskError is also an instance of the task's exception class
+            on_result(key, None, e)
+            continue
+        except lost as e:
+            # Lost after Ray's retries: hand it on and finish the others; a rerun redoes this one.
+            on_result(key, None, e)
+            continue
+        on_result(key, result, None)

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -302,6 +303,11 @@ def generate(cfg: dict) -> dict:
             finally:
                 progress.close()
     except (Interrupted, OutputUnwritable) as e:
+        # The workers are gone (the Ray session ended before this): remove what they left half-written.
+        for sid in todo:
+            if SHARD_PATTERN % sid not in results:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, SHARD_PATTERN % sid + TMP_SUFFIX))
         if isinstance(e, Interrupted):
             e.finished, e.selected = finished_count(), len(shard_ids)
         try:  # keep the md5 of every finished shard, for a fast resume

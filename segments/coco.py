@@ -131,16 +131,6 @@ class SegmentIndex:
         return index
 
 
-def segmentation_to_rle(segm, height: int, width: int) -> dict:
-    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE, the
-    conversion of pycocotools' ``COCO.annToRLE``. No validation: :meth:`SegmentIndex.from_coco` checks."""
-    if isinstance(segm, list):  # polygons: one RLE per part, merged
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm.get("counts"), list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
-
-
 def _rle_string_total(counts: bytes) -> int:
     """Sum of the run lengths in a compressed COCO RLE string (-1 if it is not one).
 

@@ -172,11 +172,12 @@ def get_extractor(spec: str):
 def skip_reason_key(reason: str) -> str:
     """Short counter key for a BadImage reason."""
     text = reason.lower()
-    for needle, key in (("not an image", "not_image"), ("smaller than", "tiny"), ("above the limit", "huge"),
+    # First match wins: "a directory, not an image file" is a directory, not a non-image file.
+    for needle, key in (("a directory", "directory"), ("symlink loop", "symlink_loop"),
+                        ("broken symlink", "broken_symlink"), ("not a regular file", "not_a_file"),
+                        ("not an image", "not_image"), ("smaller than", "tiny"), ("above the limit", "huge"),
                         ("too large", "huge"), ("blank or single-colour", "blank"), ("empty file", "empty_file"),
-                        ("truncated or corrupt", "corrupt"), ("cannot read", "unreadable"),
-                        ("a directory", "directory"), ("symlink loop", "symlink_loop"),
-                        ("broken symlink", "broken_symlink"), ("not a regular file", "not_a_file")):
+                        ("truncated or corrupt", "corrupt"), ("cannot read", "unreadable")):
         if needle in text:
             return key
     return "bad_image"

@@ -185,6 +185,8 @@ def merge_manifest(out_dir: str, index: dict | None = None) -> dict:
         "counts": {"shards": len(present), "pairs": pairs, "attempts": attempts,
                    "shards_without_stats": sorted(u for u in present if u not in shard_stats)},
         "skips": dict(sorted(skips.items())),
+        # What the segments file's loader skipped (COCO items, by reason): the same for every part.
+        "segment_skips": last.get("segment_skips", {}),
         "wall_time_s": round(sum(p.get("wall_time_s", 0.0) for p in parts), 3),
         "parts": [{k: p.get(k) for k in ("name", "host", "started_utc", "wall_time_s", "shard_range",
                                           "shards_written", "shards_resumed", "workers", "git_revision")}
