@@ -256,15 +256,28 @@ def test_segments_job_names_listing_skips_and_reads_non_utf8_names(tmp_path):
     assert prov["counters"]["skipped_by_reason"].get("directory") == 1
 
 
-def test_discover_feature_cache_takes_non_utf8_names(tmp_path):
-    from toy_model import ToyMatcher
+def test_discover_runs_on_non_utf8_file_names(tmp_path, monkeypatch):
+    from toy_model import ToyMatcher, toy_scene
 
+    from segswap.apps import cli_common, discover
     from segswap.apps.features_cache import FeatureCache
 
-    path = tmp_path / os.fsdecode(b"\xff\xfe-scan.png")
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path)
-    cache = FeatureCache(ToyMatcher(), tag="toy")
-    assert len(cache.key(str(path), (16, 16))) == 40
+    rng = np.random.default_rng(3)
+    patch = toy_scene(rng, (48, 32))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = [os.fsdecode(b"caf\xe9-%d.png" % i) for i in range(5)]  # Latin-1 bytes: not UTF-8
+    for i, name in enumerate(names):
+        spot = [(16, 16), (64, 48), (32, 80), (80, 16), (48, 64)][i]
+        Image.fromarray(toy_scene(rng, (128, 128), patch if i < 4 else None, spot if i < 4 else None)).save(folder / name)
+    model = ToyMatcher()
+    monkeypatch.setattr(cli_common, "load", lambda args: (model, FeatureCache(model, tag="toy")))
+    out = tmp_path / "out"
+    assert discover.main([str(folder), "--ckpt", "unused", "--out", str(out), "--size", "128", "--top-k", "3",
+                          "--n-eig", "4", "--clusters", "3", "--sheets", "1"]) == 0
+    res = json.loads((out / "clusters.json").read_text())
+    assert res["n_images"] == 5 and not res["skipped_images"]
+    assert {r["image"] for r in res["clusters"][0]["regions"]} <= set(names)
 
 
 # ----------------------------------------------------------------------------------- decoding memory
