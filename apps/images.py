@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 
-from segswap.core.images import IMAGE_EXTENSIONS, BadImage, load_rgb
-from segswap.core.images import list_images as _list_images
+from segswap.core.images import BadImage, load_rgb
 from segswap.core.images import resize_rgb as _resize
+from segswap.core.listing import IMAGE_EXTENSIONS
+from segswap.core.listing import list_images as _list_images
 
 __all__ = ["BadImage", "read_rgb", "resize_rgb", "list_images", "IMAGE_EXTENSIONS"]
 log = logging.getLogger("segswap.apps")

@@ -21,11 +21,8 @@ What it does with the usual oddities:
 """
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +32,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 100_000_000
 # Below this side length an image carries no usable segment or background.
 DEFAULT_MIN_SIDE = 8
-# File name endings read as images (lower case); every lister in segswap uses this one list.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
 class BadImage(ValueError):
@@ -166,73 +161,6 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
         return rgb.copy()
     shrinking = width < w and height < h
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-@dataclass
-class ImageListing:
-    """What :func:`list_images` found: ``files`` (sorted) and ``skipped`` = [(path, reason)]."""
-
-    files: list[Path] = field(default_factory=list)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def list_images(folder, *, extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS, recursive: bool = True
-                ) -> ImageListing:
-    """The image files under ``folder``, sorted, and the entries that look like images but are not.
-
-    Hidden entries (a leading dot, e.g. files being written) are ignored. ``extensions=None`` lists
-    every regular file (the caller checks the contents). Symlinks are followed, to files and to
-    folders; an entry that cannot be read as a file is *named* in ``skipped`` rather than dropped
-    silently: a folder named like an image (``x.jpg/``; its contents are still listed when
-    recursing), a broken symlink, a symlink loop, a socket or pipe. File names need not be UTF-8
-    (they come back as ``Path`` objects holding the raw bytes, ``os.fsdecode`` style).
-    Raises ``NotADirectoryError`` naming ``folder`` when it is not a folder.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder}: not a directory")
-    listing = ImageListing()
-    seen_dirs = {os.path.realpath(folder)}
-
-    def wanted(name: str) -> bool:
-        return extensions is None or name.lower().endswith(extensions)
-
-    def visit(d: Path) -> None:
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            listing.skipped.append((d, f"cannot list folder ({e.strerror or e})"))
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = Path(entry.path)
-            try:
-                st = os.stat(entry.path)  # follows symlinks
-            except OSError as e:
-                if wanted(entry.name) or entry.is_symlink():
-                    reason = "symlink loop" if e.errno == errno.ELOOP else "broken symlink" if entry.is_symlink() else "cannot read"
-                    listing.skipped.append((path, f"{reason} ({e.strerror or e})"))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if entry.name.lower().endswith(extensions or IMAGE_EXTENSIONS):
-                    listing.skipped.append((path, "a directory, not an image file"))
-                if recursive:
-                    real = os.path.realpath(entry.path)
-                    if real in seen_dirs:
-                        listing.skipped.append((path, f"symlink loop (folder {real} is listed already)"))
-                        continue
-                    seen_dirs.add(real)
-                    visit(path)
-            elif wanted(entry.name):
-                if stat.S_ISREG(st.st_mode):
-                    listing.files.append(path)
-                else:
-                    listing.skipped.append((path, "not a regular file (socket, pipe or device)"))
-
-    visit(folder)
-    listing.files.sort()
-    return listing
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:

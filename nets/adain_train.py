@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from segswap.core.atomic import atomic_save, atomic_write_json
-from segswap.core.images import IMAGE_EXTENSIONS, write_png
-from segswap.core.images import list_images as list_image_files
+from segswap.core.images import write_png
+from segswap.core.listing import IMAGE_EXTENSIONS
+from segswap.core.listing import list_images as list_image_files
 from segswap.nets.adain import AdaIN, adain, build_decoder, calc_mean_std, load_decoder
 from segswap.nets.device import resolve_device
 from segswap.nets.vgg import WeightsFileError, load_vgg_encoder

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from segswap.core.images import IMAGE_EXTENSIONS, BadImage, load_rgb
+from segswap.core.images import BadImage, load_rgb
+from segswap.core.listing import IMAGE_EXTENSIONS
 from segswap.segments.grabcut import grabcut_box, mask_box, mask_nms, passes_filters
 from segswap.segments.params import ExtractionParams
 from segswap.segments.proposals import box_nms, selective_search

@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 
 from segswap.core.atomic import atomic_write_json
-from segswap.core.images import list_images
+from segswap.core.listing import list_images
 from segswap.core.logs import Progress, SkipLog
 from segswap.core.ray_driver import ray_session, run_tasks
 from segswap.nets.device import available_cpus

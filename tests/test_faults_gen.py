@@ -22,7 +22,8 @@ import pytest
 from coco_fixture import write_coco_fixture
 from PIL import Image
 
-from segswap.core.images import list_images, load_rgb
+from segswap.core.images import load_rgb
+from segswap.core.listing import list_images
 from segswap.segments.coco import SegmentIndex
 
 NUM_SHARDS = 3
