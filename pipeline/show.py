@@ -116,6 +116,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=224, help="panel side in pixels (default 224)")
     p.add_argument("--images", help="image folder of a .json input (default: the folder the json records, "
                                     "else the json's own folder)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -128,17 +129,31 @@ def main(argv=None) -> int:
     if args.input.endswith(".json"):
         from segswap.segments.show import draw_segments
 
-        # images_dir None: the segment file's own record of its folder, else the json's folder.
-        draw_segments(args.input, args.images, args.out, args.n)
+        try:
+            # images_dir None: the segment file's own record of its folder, else the json's folder.
+            draw_segments(args.input, args.images, args.out, args.n)
+        except (OSError, ValueError) as e:  # missing/bad json, unwritable --out: the message names it
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
         return 0
     try:
         pairs = list(itertools.islice(iter_pairs(args.input), args.skip, args.skip + args.n))
         sheet = contact_sheet(pairs, tile=args.tile, n_lines=args.lines)
     except (OSError, ValueError) as e:
+        if args.debug:
+            raise
         print(f"error: {args.input}: {e}", file=sys.stderr)
         return 2
-    write_png(args.out, sheet)
+    try:
+        write_png(args.out, sheet)
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {len(pairs)} pairs, {sheet.shape[1]}x{sheet.shape[0]} px")
     return 0
 

@@ -220,6 +220,13 @@ def test_show_draws_polygon_segmentations(coco, tmp_path):
     assert sheet.shape[0] > 50 and sheet.std() > 10  # drawn, not blank
 
 
+def test_show_user_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "segswap.pipeline.show", str(tmp_path / "nope.json"), "--out",
+                        str(tmp_path / "s.png")], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "nope.json" in r.stderr
+
+
 # -------------------------------------------------------------------------------- image listing
 
 def test_listing_names_directories_named_like_images_and_symlink_loops(tmp_path):
