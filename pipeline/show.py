@@ -126,36 +126,28 @@ def main(argv=None) -> int:
     if args.n < 1 or args.tile < 32 or args.lines < 0 or args.skip < 0:
         print("error: need --n >= 1, --tile >= 32, --lines >= 0, --skip >= 0", file=sys.stderr)
         return 2
+    try:
+        print(show(args))
+    except (OSError, ValueError) as e:  # missing or bad input, unwritable --out: the message names it
+        if args.debug:
+            raise
+        print(f"error: {args.input}: {e}" if args.input not in str(e) else f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def show(args) -> str:
+    """Draw the sheet the options ask for; returns the line to print."""
     if args.input.endswith(".json"):
         from segswap.segments.show import draw_segments
 
-        try:
-            # images_dir None: the segment file's own record of its folder, else the json's folder.
-            draw_segments(args.input, args.images, args.out, args.n)
-        except (OSError, ValueError) as e:  # missing/bad json, unwritable --out: the message names it
-            if args.debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.out}")
-        return 0
-    try:
-        pairs = list(itertools.islice(iter_pairs(args.input), args.skip, args.skip + args.n))
-        sheet = contact_sheet(pairs, tile=args.tile, n_lines=args.lines)
-    except (OSError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f"error: {args.input}: {e}", file=sys.stderr)
-        return 2
-    try:
-        write_png(args.out, sheet)
-    except OSError as e:
-        if args.debug:
-            raise
-        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(pairs)} pairs, {sheet.shape[1]}x{sheet.shape[0]} px")
-    return 0
+        # images_dir None: the segment file's own record of its folder, else the json's folder.
+        draw_segments(args.input, args.images, args.out, args.n)
+        return f"wrote {args.out}"
+    pairs = list(itertools.islice(iter_pairs(args.input), args.skip, args.skip + args.n))
+    sheet = contact_sheet(pairs, tile=args.tile, n_lines=args.lines)
+    write_png(args.out, sheet)
+    return f"wrote {args.out}: {len(pairs)} pairs, {sheet.shape[1]}x{sheet.shape[0]} px"
 
 
 if __name__ == "__main__":
