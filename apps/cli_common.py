@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sys
-import time
+
+from segswap.core.atomic import atomic_write_json
+from segswap.core.logs import Progress, setup_logging  # noqa: F401 - the apps' logging and progress
 
 log = logging.getLogger("segswap.apps")
 
@@ -24,10 +24,6 @@ def model_parser() -> argparse.ArgumentParser:
                    help="images whose features stay in memory (least recently used leave first; default: 2000)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def load(args):
@@ -49,34 +45,9 @@ def load(args):
     return model, cache
 
 
-class Progress:
-    """A bar on a terminal, a log line every ``every`` seconds otherwise."""
-
-    def __init__(self, what: str, every: float = 30.0):
-        self.what, self.every, self.t0, self.last = what, every, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.time()
-        eta = (now - self.t0) / max(done, 1) * (total - done)
-        if self.tty:
-            width = 30
-            fill = int(width * done / max(total, 1))
-            sys.stderr.write(f"\r{self.what} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} eta {eta:.0f}s")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif now - self.last > self.every or done == total:
-            log.info("%s %d/%d (eta %.0f s)", self.what, done, total, eta)
-            self.last = now
-
-
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1)
 
 
 def table(rows: list[list], header: list[str]) -> str:

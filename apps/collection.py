@@ -24,15 +24,14 @@ from segswap.apps.features_cache import FeatureCache
 from segswap.apps.graph import PairPredictions
 from segswap.apps.images import BadImage
 from segswap.apps.pairs import HEAD_KEYS, run_head, score_query
+from segswap.core.atomic import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 def _atomic_save_npz(path: str, **arrays) -> None:
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 class Collection:
@@ -54,10 +53,7 @@ class Collection:
                 raise ValueError(f"{meta_path}: this work folder belongs to another image list, size or model; "
                                  "use a new --workdir (or delete the old one)")
         else:
-            tmp = meta_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, meta_path)
+            atomic_write_json(meta_path, meta, indent=None)
 
     def feats(self, idx) -> torch.Tensor:
         return self.cache.get_many([self.paths[i] for i in idx], self.size)

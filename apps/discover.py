@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(level=args.log_level)
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file

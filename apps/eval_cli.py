@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from segswap.apps.cli_common import Progress, load, model_parser, setup_logging, table, write_json
+from segswap.apps.cli_common import Progress, load, log, model_parser, setup_logging, table, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def run_brueghel(args) -> tuple[dict, str]:
     labels = brueghel.load_labels(args.labels)
     model, cache = load(args)
     res = brueghel.evaluate(model, labels, args.images, cache, size=args.size, query_box_size=args.query_box_size,
-                            rerank_topk=args.rerank_topk, batch_size=args.batch_size, progress=Progress("queries"))
+                            rerank_topk=args.rerank_topk, batch_size=args.batch_size, progress=Progress(0, desc="queries", logger=log))
     rows = [[c, v["n_queries"], v["ap_cosine"], v["ap"]] for c, v in res["per_category"].items()]
     rows.append(["mean", sum(v["n_queries"] for v in res["per_category"].values()), res["map_cosine"], res["map"]])
     return res, table(rows, ["category", "queries", "AP cosine", "AP SegSwap"])
@@ -80,7 +80,7 @@ def run_placerec(args) -> tuple[dict, str]:
     model, cache = load(args)
     res = placerec.evaluate(model, queries, db, args.root, cands, utm_q, utm_db, cache, dataset=args.benchmark,
                             size=(args.width, args.height), dist=dist, views_per_place=args.views_per_place,
-                            batch_size=args.batch_size, progress=Progress("queries"))
+                            batch_size=args.batch_size, progress=Progress(0, desc="queries", logger=log))
     rows = [["input ranking", *res["recall_input"].values()], ["SegSwap re-ranked", *res["recall"].values()]]
     return res, table(rows, ["", *res["recall"].keys()])
 
@@ -108,7 +108,7 @@ def run_internet(args) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(level=args.log_level)
     runner = {"brueghel": run_brueghel, "pitts": run_placerec, "tokyo": run_placerec, "internet": run_internet}
     try:
         res, text = runner[args.benchmark](args)

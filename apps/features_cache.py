@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from segswap.apps.images import read_rgb, resize_rgb
+from segswap.core.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class FeatureCache:
     def key(self, path: str, size: tuple[int, int]) -> str:
         st = os.stat(path)
         ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size[0]}x{size[1]}|{self.tag}"
-        return hashlib.sha1(ident.encode()).hexdigest()
+        # surrogateescape: file names need not be UTF-8 (os.fsencode's convention, same key for UTF-8 ones)
+        return hashlib.sha1(ident.encode("utf-8", "surrogateescape")).hexdigest()
 
     @torch.no_grad()
     def compute(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -91,10 +93,8 @@ class FeatureCache:
             return
         p = self._disk_path(key)
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = p + f".{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_open(p, "wb") as f:
             np.save(f, feat.to(torch.float16).cpu().numpy(), allow_pickle=False)
-        os.replace(tmp, p)
 
     def get_many(self, paths: list[str], size: tuple[int, int]) -> torch.Tensor:
         """Features of the images at ``paths`` resized to ``size`` = (W, H) -> float32 [N, C, h, w]."""

@@ -21,8 +21,9 @@ import cv2
 import numpy as np
 import torch
 
+from segswap.core.atomic import atomic_open
+from segswap.core.images import load_rgb, write_png
 from segswap.nets.device import resolve_device
-from segswap.pipeline.images import load_rgb
 
 log = logging.getLogger("segswap.predict")
 DEFAULT_SIZE = 480
@@ -79,15 +80,10 @@ def render(pred: dict, n_corr: int = 30, threshold: float = 0.5, rng: np.random.
 
 def write_outputs(pred: dict, canvas: np.ndarray, png: str, npz: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    tmp_png = png + ".tmp.png"
-    if not cv2.imwrite(tmp_png, canvas[:, :, ::-1]):
-        raise OSError(f"{png}: cannot write the PNG")
-    os.replace(tmp_png, png)
-    tmp_npz = npz + ".tmp"
-    with open(tmp_npz, "wb") as f:
+    write_png(png, canvas)
+    with atomic_open(npz, "wb") as f:
         np.savez(f, mask0=pred["mask0"], mask1=pred["mask1"], flow01=pred["flow01"], flow10=pred["flow10"],
                  size=np.array(pred["images"][0].shape[:2]))
-    os.replace(tmp_npz, npz)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

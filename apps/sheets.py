@@ -6,12 +6,12 @@ Each tile is the region's box enlarged by ``margin`` (context helps judge a deta
 from __future__ import annotations
 
 import math
-import os
 
 import cv2
 import numpy as np
 
 from segswap.apps.images import read_rgb
+from segswap.core.images import write_png
 
 
 def region_tile(img: np.ndarray, box, tile: int = 160, margin: float = 0.25) -> np.ndarray:
@@ -47,8 +47,5 @@ def write_sheet(path: str, regions: list[dict], image_paths: dict[str, str], *, 
     for k, t in enumerate(tiles):
         r, c = divmod(k, cols)
         sheet[gap + r * (tile + gap):gap + r * (tile + gap) + tile, gap + c * (tile + gap):gap + c * (tile + gap) + tile] = t
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, sheet[..., ::-1]):
-        raise OSError(f"{path}: cannot write PNG")
-    os.replace(tmp, path)
+    write_png(path, sheet)
     return len(tiles)

@@ -1,6 +1,6 @@
 """Discovery at scale: seconds and peak memory of graph building, eigen-decomposition and K-means.
 
-A synthetic correspondence graph (segswap.apps.synthetic_graph: groups of images sharing a planted
+A synthetic correspondence graph (tests/synthetic_graph.py: groups of images sharing a planted
 pattern, perfect-ish predictions for every pair of a group plus spurious confident cells) is grown to
 the requested number of vertices, then the three stages of ``segswap-discover`` run on it:
 
@@ -28,6 +28,8 @@ import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # test oracles and fixtures
 
 
 def rss_mb() -> float:
@@ -62,10 +64,10 @@ class PeakRSS:
 
 def one_size(nodes: int, n_eig: int, k: int, group_size: int, pattern: int, solver: str, seed: int) -> dict:
     import numpy as np
+    from synthetic_graph import make_planted, vertex_truth  # a test fixture, in tests/
 
     from segswap.apps.graph import build_graph, extract_vertices
     from segswap.apps.spectral import kmeans, spectral_embedding
-    from segswap.apps.synthetic_graph import make_planted, vertex_truth
 
     per_pair = pattern * pattern + 1
     n_groups = max(2, round(nodes / (per_pair * group_size * (group_size - 1) / 2)))

@@ -30,7 +30,8 @@ from pycocotools import mask as mask_utils
 from skimage import data
 
 from segswap.nets.dense_features import build_feature_extractor
-from segswap.segments.unsupervised import ExtractionParams, extract_image, image_seed
+from segswap.segments.extract import extract_image, image_seed
+from segswap.segments.params import ExtractionParams
 
 
 def _grey3(img):

@@ -33,6 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # test oracles and fixtures
+
 FEATURE_CHANNELS = 256
 
 
@@ -62,7 +64,8 @@ def _rss_now_mb() -> float:
 
 
 def child(kind: str, grid: int, args) -> dict:
-    from segswap.train.dense4d import dense_conv4d, swap_ab
+    from dense4d import dense_conv4d, swap_ab  # the test oracle, in tests/
+
     from segswap.train.ncnet import SparseNCNet, sparse_correlation
     from segswap.train.sparse4d import NeighbourMap, me_kernel_to_dense
 

@@ -25,7 +25,6 @@ run is bitwise reproducible. Unreadable images are logged, counted and replaced 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -41,13 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from segswap.core.atomic import atomic_save, atomic_write_json
+from segswap.core.images import write_png
+from segswap.core.listing import IMAGE_EXTENSIONS
+from segswap.core.listing import list_images as list_image_files
 from segswap.nets.adain import AdaIN, adain, build_decoder, calc_mean_std, load_decoder
 from segswap.nets.device import resolve_device
 from segswap.nets.vgg import WeightsFileError, load_vgg_encoder
 
 log = logging.getLogger("segswap.adain_train")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CHECKPOINT = "checkpoint.pth"
 DECODER = "decoder.pth"
 VGG = "vgg_normalised.pth"
@@ -88,7 +90,10 @@ def list_images(root: str | os.PathLike, what: str) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: {root}: {what} folder not found")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    listing = list_image_files(root)
+    for path, reason in listing.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    files = listing.files
     if not files:
         raise SystemExit(f"error: {root}: no images in the {what} folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
@@ -111,7 +116,7 @@ class CropBatches(Dataset):
         return self.num_steps
 
     def _load(self, files: list[Path], index: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        from segswap.pipeline.images import BadImage, load_rgb
+        from segswap.core.images import BadImage, load_rgb
 
         for tries in range(len(files)):
             path = files[(index + tries) % len(files)]
@@ -173,18 +178,7 @@ def adain_losses(model: AdaIN, content: torch.Tensor, style: torch.Tensor) -> tu
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    ok, buf = cv2.imencode(".png", image[..., ::-1])
-    if not ok:
-        raise RuntimeError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
 def link_vgg(vgg: Path, out: Path) -> None:
@@ -258,11 +252,9 @@ def train(args) -> Path:
                              "use the same options, another --out, or --no-resume")
         log.info("resuming from %s at step %d", ckpt_path, start)
     link_vgg(Path(args.vgg), out)
-    run_record = out / "train_config.json.tmp"
-    run_record.write_text(json.dumps({
+    atomic_write_json(out / "train_config.json", {
         **config, "resumed_from_step": start, "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": np.__version__, "command": sys.argv}, indent=2))
-    os.replace(run_record, out / "train_config.json")
+        "numpy": np.__version__, "command": sys.argv}, indent=2)
 
     data = CropBatches(content_files, style_files, args.batch_size, args.load_size, args.crop, args.seed, args.iters)
     sample_content, sample_style, _ = data.batch(np.random.default_rng(seeds[1]))
@@ -282,7 +274,7 @@ def train(args) -> Path:
         model.train()
         rows = [torch.cat(list(x), dim=2) for x in (sample_content, sample_style, y)]
         grid = (torch.cat(rows, dim=1).permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-        save_png(grid, out / "samples" / f"step_{step:07d}.png")
+        write_png(out / "samples" / f"step_{step:07d}.png", grid)
 
     if start >= args.iters:
         log.info("already trained for %d steps (--iters %d): nothing to do", start, args.iters)

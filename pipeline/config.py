@@ -15,8 +15,7 @@ import argparse
 import os
 import re
 
-import yaml
-
+from segswap.core.config import ConfigError, load_config, set_path
 from segswap.nets.device import available_cpus
 from segswap.pipeline.style import STYLE_CHOICES
 
@@ -66,10 +65,6 @@ RUN_KEYS = ("out", "num_shards", "shard_range", "task_index", "num_tasks", "work
             "ray_address", "overwrite", "verify_existing")
 DICT_KEYS = ("unsupervised", "render")
 PATH_KEYS = ("images", "coco_annotations", "style_images", "adain_weights")
-
-
-class ConfigError(ValueError):
-    """A bad option or config file; the message names the key (and the file)."""
 
 
 def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -130,6 +125,7 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML file of options (flags override it)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -137,28 +133,9 @@ def extraction_keys() -> list[str]:
     """Options of the unsupervised extractor (``unsupervised:`` in YAML, flags on the command line)."""
     import dataclasses
 
-    from segswap.segments.unsupervised import ExtractionParams
+    from segswap.segments.params import ExtractionParams
 
     return ["features", "chunk_size", *(f.name for f in dataclasses.fields(ExtractionParams))]
-
-
-def load_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of option: value")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
-    return data
 
 
 def parse_range(text: str, what: str = "--shard-range") -> tuple[float, float] | tuple[int, int]:
@@ -172,19 +149,14 @@ def parse_range(text: str, what: str = "--shard-range") -> tuple[float, float] |
 def resolve(args: dict) -> dict:
     """Merge defaults, the YAML file named by ``args["config"]`` and the flags; validate."""
     args = dict(args)
-    for k in ("verbose", "quiet"):
+    for k in ("verbose", "quiet", "debug"):
         args.pop(k, None)
-    cfg = dict(DEFAULTS)
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
     config_file = args.pop("config", None)
-    if config_file:
-        cfg.update(load_yaml(config_file))
+    cfg = load_config(DEFAULTS, config_file, open_sections={(k,) for k in DICT_KEYS})
     extraction = {k: args.pop(k) for k in extraction_keys() if k in args}
     cfg["unsupervised"] = {**(cfg["unsupervised"] or {}), **{k: v for k, v in extraction.items() if v is not None}}
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}")
-    cfg.update(args)
+    for key, value in args.items():  # flags given (argparse suppresses the others), None included
+        set_path(cfg, key, value)
     return validate(cfg, source=config_file or "options")
 
 
@@ -297,8 +269,3 @@ def selected_shards(cfg: dict) -> list[int]:
 def dataset_config(cfg: dict) -> dict:
     """The keys that decide the content of the shards (every part of a dataset must agree on them)."""
     return {k: v for k, v in cfg.items() if k not in RUN_KEYS}
-
-
-def parse_args(argv=None) -> tuple[dict, argparse.Namespace]:
-    ns = get_parser().parse_args(argv)
-    return resolve(vars(ns)), ns

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from segswap.shards.tps import (
+from segswap.core.tps import (
     DEFAULT_JITTER,
     DEFAULT_POINTS_PER_SIDE,
     ThinPlateSpline,

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from segswap.core.images import BadImage, load_rgb, resize_rgb
 from segswap.segments.base import ImageRecord
 from segswap.segments.coco import SegmentIndex
 from segswap.shards.format import DEFAULT_FLOW_STRIDE, FORMAT_VERSION, MIN_MASK_CELLS, RENDERER_VERSION, Pair
@@ -48,7 +49,6 @@ from .geometry import (
     resize_mask,
 )
 from .groundtruth import Paste, SkipPair, ground_truth, ownership
-from .images import BadImage, load_rgb, resize_rgb
 
 # Scanning the loaded BLAS/OpenMP libraries costs ~10 ms: do it once per process.
 _THREADPOOLS = ThreadpoolController()

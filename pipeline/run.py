@@ -17,17 +17,21 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from collections import Counter
 
+from segswap.core.atomic import atomic_open, atomic_write
+from segswap.core.logs import Progress, SkipLog
+from segswap.core.provenance import environment
+from segswap.core.ray_driver import Interrupted, interruptible, ray_session, run_tasks
 from segswap.pipeline.config import ConfigError, dataset_config, selected_shards
-from segswap.pipeline.logs import Progress
 from segswap.pipeline.task import ShardFailed, generate_shard, job_fingerprint
 from segswap.shards import index as shard_index
 from segswap.shards.format import SHARD_PATTERN
@@ -39,9 +43,6 @@ log = logging.getLogger("segswap.gen")
 SEGMENTS_CACHE = "segments.json"
 EMBEDDED_IMAGES = "embedded-images"
 CONFIG_NAME = "config.yaml"
-# Tasks queued per worker: enough to keep workers busy while results come back, few enough that a
-# cluster-sized job does not submit thousands of tasks at once.
-IN_FLIGHT_PER_WORKER = 2
 # While running, this part's manifest is rewritten at most this often (finished shards and their md5).
 PART_SAVE_EVERY_S = 10.0
 
@@ -183,57 +184,22 @@ def finished_shards(cfg: dict, shard_ids: list[int]) -> dict[int, dict]:
 
 # ------------------------------------------------------------------------------------ execution
 
-def _ensure_ray(cfg: dict):
-    """Connect to the cluster at --ray-address/$RAY_ADDRESS or start a local loopback-only instance."""
-    # Must be in the environment before ray.init so a local instance binds to loopback only.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    address = cfg["ray_address"] or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log.info("starting a local Ray instance with %d workers (loopback only, no dashboard)", cfg["workers"])
-        ray.init(num_cpus=cfg["workers"], include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
-    return ray, True
+# An OSError with one of these while writing under --out means every later shard would fail too.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
-def _run_in_process(job: dict, shard_ids: list[int], on_result) -> None:
-    for sid in shard_ids:
-        try:
-            stats = generate_shard(job, sid)
-        except (ShardFailed, OSError) as e:
-            on_result(sid, None, e)
-            continue
-        on_result(sid, stats, None)
+class OutputUnwritable(RuntimeError):
+    """``--out`` takes no more data (full, read-only, no permission); the message says what is kept."""
 
 
-def _run_on_ray(ray, job: dict, shard_ids: list[int], workers: int, on_result) -> None:
-    remote = ray.remote(num_cpus=1, max_retries=3)(generate_shard)
-    job_ref = ray.put(job)
-    max_in_flight = max(1, IN_FLIGHT_PER_WORKER * max(workers, int(ray.cluster_resources().get("CPU", 1))))
-    queue, pending = list(shard_ids), {}
-    while queue or pending:
-        while queue and len(pending) < max_in_flight:
-            sid = queue.pop(0)
-            pending[remote.remote(job_ref, sid)] = sid
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        sid = pending.pop(ready[0])
-        try:
-            stats = ray.get(ready[0])
-        except (ShardFailed, OSError) as e:
-            on_result(sid, None, e)
-            continue
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError) as e:
-            # Lost after Ray's retries: record it and finish the others; a rerun redoes this shard.
-            on_result(sid, None, e)
-            continue
-        on_result(sid, stats, None)
+def check_writable(out: str) -> None:
+    """Fail before any work when ``--out`` cannot be created or written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, ".segswap-write-test"), b"")
+        os.remove(os.path.join(out, ".segswap-write-test"))
+    except OSError as e:
+        raise OutputUnwritable(f"--out {out}: cannot write there ({e.strerror or e})") from e
 
 
 def part_name(shard_ids: list[int]) -> str:
@@ -243,12 +209,17 @@ def part_name(shard_ids: list[int]) -> str:
 
 
 def generate(cfg: dict) -> dict:
-    """Run a generation job; returns the summary (also logged and stored in the part manifest)."""
+    """Run a generation job; returns the summary (also logged and stored in the part manifest).
+
+    Raises :class:`OutputUnwritable` when ``--out`` is full or read-only and
+    :class:`~segswap.core.ray_driver.Interrupted` on SIGTERM/SIGINT (with ``finished``/``selected``
+    set), after recording the shards finished so far so that a rerun resumes from them.
+    """
     t0 = time.perf_counter()
     out = cfg["out"]
-    os.makedirs(out, exist_ok=True)
+    check_writable(out)
     shard_ids = selected_shards(cfg)
-    env = shard_index.environment()
+    env = environment()
     if cfg["overwrite"]:
         everything = cfg["shard_range"] is None and cfg["num_tasks"] is None
         log.info("--overwrite: removing %s", "the whole dataset" if everything else f"{len(shard_ids)} shards")
@@ -256,67 +227,107 @@ def generate(cfg: dict) -> dict:
     else:
         check_same_dataset(cfg)
 
-    ray, started_ray = (None, False)
-    if cfg["workers"] > 0:
-        ray, started_ray = _ensure_ray(cfg)
+    results: dict[str, dict] = {}
+    failed: dict[str, dict] = {}
+    done: dict[int, dict] = {}
+    todo: list[int] = []
+    segment_index: dict = {}
+    pair_skips = SkipLog(log, "pair attempt skipped")
+    segment_skips = SkipLog(log, "segments file: skipped")
+    segments_json = None
+    gen_start = time.perf_counter()
+
+    def record(final: bool) -> dict:
+        """Write this part's manifest: at the end, and every PART_SAVE_EVERY_S while running, so
+        a killed run still leaves the md5 of each finished shard for a fast resume."""
+        summary = summarise(shard_ids, todo, done, results, failed, time.perf_counter() - gen_start)
+        summary["segment_skips"] = segment_index.get("skips", {})
+        part = {
+            "name": part_name(shard_ids), "config": json.loads(json.dumps(dataset_config(cfg))),
+            "run": {k: v for k, v in cfg.items() if k not in dataset_config(cfg)}, "root_seed": cfg["seed"],
+            "segments_json": os.path.abspath(segments_json) if segments_json else None, **env, "finished": final,
+            "shard_range": [min(shard_ids), max(shard_ids) + 1] if shard_ids else None,
+            "workers": cfg["workers"], "shards_written": [SHARD_PATTERN % s for s in todo if SHARD_PATTERN % s in results],
+            "shards_resumed": sorted(SHARD_PATTERN % s for s in done), "shards": dict(sorted(results.items())),
+            "segment_skips": summary["segment_skips"],
+            "summary": summary, "wall_time_s": round(time.perf_counter() - t0, 3), "finished_unix": time.time(),
+        }
+        if shard_ids:  # an empty range only prepares (segments): nothing to record
+            shard_index.write_part(out, part["name"], part)
+        return summary
+
+    def finished_count() -> int:
+        return len(done) + sum(1 for s in todo if SHARD_PATTERN % s in results)
+
     try:
-        segments_json, images_dir = resolve_segments(cfg)
-        job = make_job(cfg, segments_json, images_dir)
-        done = finished_shards(cfg, shard_ids) if not cfg["overwrite"] else {}
-        todo = [s for s in shard_ids if s not in done]
-        log.info("%d shards selected: %d already finished, %d to generate (%s)", len(shard_ids), len(done),
-                 len(todo), "in-process" if ray is None else f"Ray, {cfg['workers']} workers")
-        results: dict[str, dict] = {SHARD_PATTERN % s: st for s, st in done.items()}
-        failed: dict[str, dict] = {}
-        progress = Progress(len(todo), desc="shards", unit="pairs")
-        gen_start = time.perf_counter()
-        last_save = [gen_start]
+        with interruptible(), ray_session(cfg["workers"], cfg["ray_address"]) as ray:
+            segments_json, images_dir = resolve_segments(cfg)
+            job = make_job(cfg, segments_json, images_dir)
+            done.update(finished_shards(cfg, shard_ids) if not cfg["overwrite"] else {})
+            todo[:] = [s for s in shard_ids if s not in done]
+            results.update({SHARD_PATTERN % s: st for s, st in done.items()})
+            log.info("%d shards selected: %d already finished, %d to generate (%s)", len(shard_ids), len(done),
+                     len(todo), "in-process" if ray is None else f"Ray, {cfg['workers']} workers")
+            progress = Progress(len(todo), desc="shards", unit="pairs", logger=log)
+            gen_start = time.perf_counter()
+            last_save = [gen_start]
 
-        def record(final: bool) -> dict:
-            """Write this part's manifest: at the end, and every PART_SAVE_EVERY_S while running, so
-            a killed run still leaves the md5 of each finished shard for a fast resume."""
-            summary = summarise(shard_ids, todo, done, results, failed, time.perf_counter() - gen_start)
-            part = {
-                "name": part_name(shard_ids), "config": json.loads(json.dumps(dataset_config(cfg))),
-                "run": {k: v for k, v in cfg.items() if k not in dataset_config(cfg)}, "root_seed": cfg["seed"],
-                "segments_json": os.path.abspath(segments_json), **env, "finished": final,
-                "shard_range": [min(shard_ids), max(shard_ids) + 1] if shard_ids else None,
-                "workers": cfg["workers"], "shards_written": [SHARD_PATTERN % s for s in todo if SHARD_PATTERN % s in results],
-                "shards_resumed": sorted(SHARD_PATTERN % s for s in done), "shards": dict(sorted(results.items())),
-                "summary": summary, "wall_time_s": round(time.perf_counter() - t0, 3), "finished_unix": time.time(),
-            }
-            if shard_ids:  # an empty range only prepares (segments): nothing to record
-                shard_index.write_part(out, part["name"], part)
-            return summary
+            def on_result(sid, stats, error):
+                url = SHARD_PATTERN % sid
+                if error is not None:
+                    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS:
+                        raise OutputUnwritable(f"--out {out}: cannot write {url} ({error.strerror or error})") from error
+                    # A ShardFailed raised in a Ray worker prints the remote traceback: keep the message.
+                    message = (f"no usable pair in {error.attempts} attempts (skips: {error.skips})"
+                               if isinstance(error, ShardFailed) else str(error))
+                    pair_skips.add({}, getattr(error, "examples", {}))
+                    log.error("%s failed: %s", url, message)
+                    failed[url] = {"error": f"{type(error).__name__}: {message}",
+                                   "attempts": getattr(error, "attempts", 0), "skips": getattr(error, "skips", {})}
+                    progress.update(1, 0)
+                else:
+                    pair_skips.add({}, stats.pop("skip_examples", {}))
+                    index_report = stats.pop("segment_index", None)
+                    if index_report is not None and not segment_index:
+                        segment_index.update(index_report)
+                        segment_skips.add({}, index_report["examples"])
+                    results[url] = stats
+                    progress.update(1, stats["pairs"])
+                if time.perf_counter() - last_save[0] > PART_SAVE_EVERY_S:
+                    record(final=False)
+                    last_save[0] = time.perf_counter()
 
-        def on_result(sid, stats, error):
-            url = SHARD_PATTERN % sid
-            if error is not None:
-                # A ShardFailed raised in a Ray worker prints the remote traceback: keep the message.
-                message = (f"no usable pair in {error.attempts} attempts (skips: {error.skips})"
-                           if isinstance(error, ShardFailed) else str(error))
-                log.error("%s failed: %s", url, message)
-                failed[url] = {"error": f"{type(error).__name__}: {message}",
-                               "attempts": getattr(error, "attempts", 0), "skips": getattr(error, "skips", {})}
-                progress.update(1, 0)
-            else:
-                results[url] = stats
-                progress.update(1, stats["pairs"])
-            if time.perf_counter() - last_save[0] > PART_SAVE_EVERY_S:
-                record(final=False)
-                last_save[0] = time.perf_counter()
-
-        if ray is None:
-            _run_in_process(job, todo, on_result)
-        else:
-            _run_on_ray(ray, job, todo, cfg["workers"], on_result)
-        progress.close()
-    finally:
-        if started_ray:
-            ray.shutdown()
-    summary = record(final=True)
-    index, manifest = shard_index.rebuild(out)
-    write_config_yaml(out, cfg, index)
+            try:
+                job_ref = ray.put(job) if ray is not None else job  # the job travels to each worker once
+                run_tasks(generate_shard, [(sid, (job_ref, sid)) for sid in todo], on_result, ray=ray,
+                          workers=cfg["workers"], expected=(ShardFailed, OSError))
+            finally:
+                progress.close()
+    except (Interrupted, OutputUnwritable) as e:
+        # The workers are gone (the Ray session ended before this): remove what they left half-written.
+        for sid in todo:
+            if SHARD_PATTERN % sid not in results:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, SHARD_PATTERN % sid + TMP_SUFFIX))
+        if isinstance(e, Interrupted):
+            e.finished, e.selected = finished_count(), len(shard_ids)
+        try:  # keep the md5 of every finished shard, for a fast resume
+            record(final=False)
+        except OSError as again:
+            log.debug("part manifest not written: %s", again)
+        if isinstance(e, OutputUnwritable):
+            raise OutputUnwritable(f"{e}; {finished_count()} of {len(shard_ids)} selected shards are finished "
+                                   "and kept: make room (or choose another --out) and rerun to resume") from e
+        raise
+    try:
+        summary = record(final=True)
+        index, manifest = shard_index.rebuild(out)
+        write_config_yaml(out, cfg, index)
+    except OSError as e:
+        if e.errno in OUTPUT_ERRNOS:
+            raise OutputUnwritable(f"--out {out}: cannot write the dataset records ({e.strerror or e}); the "
+                                   "finished shards are kept: make room and rerun to resume") from e
+        raise
     summary["dataset_shards"] = manifest["counts"]["shards"]
     summary["dataset_pairs"] = manifest["counts"]["pairs"]
     log_summary(summary)
@@ -331,11 +342,9 @@ def write_config_yaml(out: str, cfg: dict, index: dict) -> None:
     ids = [int(e["url"].split("-")[-1].split(".")[0]) for e in index["shardlist"]
            if e["url"].startswith("train-")]
     data = {**json.loads(json.dumps(dataset_config(cfg))), "num_shards": max(ids) + 1 if ids else cfg["num_shards"]}
-    tmp = os.path.join(out, f"{CONFIG_NAME}.{platform.node()}.{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(out, CONFIG_NAME), "w") as f:
         f.write("# segswap-gen settings of this dataset (written by segswap-gen; flags override)\n")
         yaml.safe_dump(data, f, sort_keys=True)
-    os.replace(tmp, os.path.join(out, CONFIG_NAME))
 
 
 def summarise(shard_ids, todo, done, results, failed, gen_time: float) -> dict:
@@ -356,8 +365,10 @@ def summarise(shard_ids, todo, done, results, failed, gen_time: float) -> dict:
 
 def log_summary(summary: dict) -> None:
     skips = ", ".join(f"{k}: {v}" for k, v in summary["skips"].items()) or "none"
-    log.info("done: %d pairs in %d new shards (%d resumed, %d failed) in %.1f s = %.2f pairs/s; skips: %s; "
-             "dataset now %d shards, %d pairs", summary["pairs_written"], summary["shards_written"],
-             summary["shards_resumed"], len(summary["shards_failed"]), summary["generation_time_s"],
-             summary["pairs_per_s"], skips, summary["dataset_shards"], summary["dataset_pairs"])
+    segment_skips = ", ".join(f"{k}: {v}" for k, v in summary.get("segment_skips", {}).items()) or "none"
+    log.info("done: %d pairs in %d new shards (%d resumed, %d failed) in %.1f s = %.2f pairs/s; skipped "
+             "attempts: %s; skipped in the segments file: %s; dataset now %d shards, %d pairs",
+             summary["pairs_written"], summary["shards_written"], summary["shards_resumed"],
+             len(summary["shards_failed"]), summary["generation_time_s"], summary["pairs_per_s"], skips,
+             segment_skips, summary["dataset_shards"], summary["dataset_pairs"])
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
 import sys
 
 import cv2
 import numpy as np
 
+from segswap.core.images import write_png
 from segswap.shards.format import Pair
 from segswap.shards.reader import iter_pairs
 
@@ -104,12 +104,6 @@ def contact_sheet(pairs, tile: int = 224, n_lines: int = 12, seed: int = 0) -> n
     return np.concatenate(padded, axis=0)
 
 
-def write_png(path: str, rgb: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"{path}: could not write PNG")
-    os.replace(tmp, path)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -122,6 +116,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=224, help="panel side in pixels (default 224)")
     p.add_argument("--images", help="image folder of a .json input (default: the folder the json records, "
                                     "else the json's own folder)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -131,22 +126,28 @@ def main(argv=None) -> int:
     if args.n < 1 or args.tile < 32 or args.lines < 0 or args.skip < 0:
         print("error: need --n >= 1, --tile >= 32, --lines >= 0, --skip >= 0", file=sys.stderr)
         return 2
+    try:
+        print(show(args))
+    except (OSError, ValueError) as e:  # missing or bad input, unwritable --out: the message names it
+        if args.debug:
+            raise
+        print(f"error: {args.input}: {e}" if args.input not in str(e) else f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def show(args) -> str:
+    """Draw the sheet the options ask for; returns the line to print."""
     if args.input.endswith(".json"):
         from segswap.segments.show import draw_segments
 
         # images_dir None: the segment file's own record of its folder, else the json's folder.
         draw_segments(args.input, args.images, args.out, args.n)
-        print(f"wrote {args.out}")
-        return 0
-    try:
-        pairs = list(itertools.islice(iter_pairs(args.input), args.skip, args.skip + args.n))
-        sheet = contact_sheet(pairs, tile=args.tile, n_lines=args.lines)
-    except (OSError, ValueError) as e:
-        print(f"error: {args.input}: {e}", file=sys.stderr)
-        return 2
+        return f"wrote {args.out}"
+    pairs = list(itertools.islice(iter_pairs(args.input), args.skip, args.skip + args.n))
+    sheet = contact_sheet(pairs, tile=args.tile, n_lines=args.lines)
     write_png(args.out, sheet)
-    print(f"wrote {args.out}: {len(pairs)} pairs, {sheet.shape[1]}x{sheet.shape[0]} px")
-    return 0
+    return f"wrote {args.out}: {len(pairs)} pairs, {sheet.shape[1]}x{sheet.shape[0]} px"
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segswap.pipeline.images import BadImage, load_rgb
+from segswap.core.images import BadImage, load_rgb
 
 log = logging.getLogger(__name__)
 

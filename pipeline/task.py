@@ -25,6 +25,7 @@ from collections import Counter
 
 import numpy as np
 
+from segswap.core.logs import collect_example
 from segswap.shards.format import SHARD_PATTERN, sample_key
 from segswap.shards.index import shard_entry
 from segswap.shards.writer import ShardWriter
@@ -33,9 +34,6 @@ log = logging.getLogger(__name__)
 
 # Worker-process cache: fingerprint -> (renderer, styliser). One job at a time per process.
 _WORKER_STATE: dict[str, tuple] = {}
-# Per-reason warnings a worker process prints before it only counts (the counts reach the summary).
-WARN_EXAMPLES = 3
-_WARNED: Counter = Counter()
 
 
 def job_fingerprint(job: dict) -> str:
@@ -51,7 +49,9 @@ def build_worker_state(job: dict) -> tuple:
         from segswap.pipeline.style import build_styliser
         from segswap.segments.coco import SegmentIndex
 
-        segments = SegmentIndex.from_coco(job["segments_json"], job["images_dir"], **job["segment_filters"])
+        # Skipped COCO items are named by the driver (once per job), not by every worker that loads the file.
+        segments = SegmentIndex.from_coco(job["segments_json"], job["images_dir"], log_skips=False,
+                                          **job["segment_filters"])
         if not len(segments):
             raise ValueError(f"{job['segments_json']}: no usable segments (skipped: {dict(segments.skipped)})")
         # Backgrounds: the index's own images, so the renderer knows which categories each holds
@@ -84,7 +84,8 @@ def generate_shard(job: dict, shard_id: int) -> dict:
     process than in a worker, breaking byte-identity between worker counts.
 
     Unusable draws (the renderer's ``SkipPair``, unreadable images, renderer errors) are counted by
-    reason and retried with the next attempt, up to ``pairs_per_shard * max_attempts_per_pair``
+    reason (``stats["skips"]``, the first few messages per reason in ``stats["skip_examples"]``, for the
+    driver to log: workers do not) and retried with the next attempt, up to ``pairs_per_shard * max_attempts_per_pair``
     attempts; a shard that runs out of attempts is written short (and says so), one with no pair at
     all is not written.
     """
@@ -104,7 +105,7 @@ def generate_shard(job: dict, shard_id: int) -> dict:
 
 
 def _generate_shard(job: dict, shard_id: int) -> dict:
-    from segswap.pipeline.images import BadImage
+    from segswap.core.images import BadImage
     from segswap.pipeline.render import SkipPair
 
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -117,15 +118,13 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
     max_attempts = n_pairs * job["max_attempts_per_pair"]
     render_root, style_root = np.random.SeedSequence([job["seed"], shard_id]).spawn(2)
     style_rng = np.random.default_rng(style_root)
-    skips = Counter()
+    skips, examples = Counter(), {}
     attempts = written = 0
     stats = {"url": os.path.basename(path), "shard_id": shard_id}
 
     def skip(reason: str, message: str) -> None:
         skips[reason] += 1
-        if _WARNED[reason] < WARN_EXAMPLES:
-            _WARNED[reason] += 1
-            log.info("shard %d attempt %d skipped (%s): %s", shard_id, attempts, reason, message)
+        collect_example(examples, reason, f"shard {shard_id} attempt {attempts}: {message}")
 
     with ShardWriter(path) as writer:
         while written < n_pairs and attempts < max_attempts:
@@ -160,13 +159,15 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                 written += 1
             stages["encode"] += time.process_time() - t
         if written == 0:
-            raise ShardFailed(shard_id, attempts, dict(skips))
+            raise ShardFailed(shard_id, attempts, dict(skips), examples)
     if written < n_pairs:
         log.warning("shard %d: only %d of %d pairs after %d attempts (skips: %s)", shard_id, written, n_pairs,
                     attempts, dict(skips))
     stats.update(pairs=written, short_by=n_pairs - written, attempts=attempts, skips=dict(sorted(skips.items())),
                  wall_time_s=round(time.perf_counter() - t0, 3), entry=shard_entry(path), pid=os.getpid(),
-                 peak_rss_mb=peak_rss_mb())
+                 peak_rss_mb=peak_rss_mb(), skip_examples=examples,
+                 segment_index={"skips": dict(sorted(renderer.segments.skipped.items())),
+                                "examples": renderer.segments.skip_examples})
     # CPU seconds (user + sys) of this process: before the shard (the worker's start-up and imports, on
     # its first shard), the shard's total, the one-off build of the renderer and styliser in it, and
     # the split by stage (benchmarks/bench_gen.py reads these).
@@ -180,9 +181,9 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
 class ShardFailed(RuntimeError):
     """No pair at all could be rendered for a shard (every attempt was skipped)."""
 
-    def __init__(self, shard_id: int, attempts: int, skips: dict):
+    def __init__(self, shard_id: int, attempts: int, skips: dict, examples: dict | None = None):
         super().__init__(f"shard {shard_id}: no usable pair in {attempts} attempts (skips: {skips})")
-        self.shard_id, self.attempts, self.skips = shard_id, attempts, skips
+        self.shard_id, self.attempts, self.skips, self.examples = shard_id, attempts, skips, examples or {}
 
     def __reduce__(self):  # picklable across Ray workers
-        return (ShardFailed, (self.shard_id, self.attempts, self.skips))
+        return (ShardFailed, (self.shard_id, self.attempts, self.skips, self.examples))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -39,18 +38,3 @@ class Segment:
     rle: dict = field(repr=False, compare=False)
     area: float
     score: float = 1.0
-
-
-class SegmentSource(Protocol):
-    """A producer of segments for a set of images (the unsupervised source implements this).
-
-    ``write_coco`` writes a COCO instances json for ``images`` (``images``, ``annotations`` with
-    ``segmentation`` as RLE, ``bbox``, ``area``, ``score``, ``category_id`` and ``iscrowd: 0``, and
-    ``categories``) to ``out_json`` through a temporary file and ``os.replace``, and returns its path;
-    :meth:`SegmentIndex.from_coco` reads it back.
-    """
-
-    name: str
-
-    def write_coco(self, images: list[Path], out_json: Path) -> Path:
-        ...

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
-from segswap.segments.unsupervised import ExtractionParams, run_extraction
+from segswap.core.logs import setup_logging
+from segswap.core.ray_driver import Interrupted, interruptible
+from segswap.segments.params import ExtractionParams
+from segswap.segments.unsupervised import run_extraction
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,13 +59,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--embedded-dir", type=Path, default=None,
                         help="where the embedded corpus is written when IMAGES is omitted "
                              "[default: <out dir>/embedded-images]")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     add_extraction_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
+    try:
+        with interruptible():
+            return _run(args)
+    except Interrupted as e:
+        print(f"segswap-segments: stopped by {e}; finished chunks are kept in {args.out}.parts: rerun the "
+              "same command to resume", file=sys.stderr)
+        return 128 + e.signum
+    except (ValueError, OSError) as err:  # bad input or unwritable output: the message names the path
+        if args.debug:
+            raise
+        print(f"segswap-segments: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.images is None:
         from segswap.segments.embedded import embedded_images
 
@@ -75,13 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"segswap-segments: {args.images}: not a folder of images", file=sys.stderr)
             return 2
         images, images_dir = args.images, args.images
-    try:
-        out = run_extraction(images, args.out, workers=args.workers, ray_address=args.ray_address, seed=args.seed,
-                             features=args.features, chunk_size=args.chunk_size, images_dir=images_dir,
-                             **extraction_options(args))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"segswap-segments: {err}", file=sys.stderr)
-        return 2
+    out = run_extraction(images, args.out, workers=args.workers, ray_address=args.ray_address, seed=args.seed,
+                         features=args.features, chunk_size=args.chunk_size, images_dir=images_dir,
+                         **extraction_options(args))
     print(out)
     return 0
 

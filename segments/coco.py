@@ -10,7 +10,10 @@ naming the json file and the image or annotation id (the first few per reason, t
 
 images ``malformed_image`` (missing/invalid id, file_name, width, height), ``duplicate_image_id``,
 ``missing_image_file`` (when an images directory is given and the file is not there);
-annotations ``malformed_annotation``, ``unknown_image`` (image id not in ``images`` or skipped),
+annotations ``malformed_annotation``, ``duplicate_annotation_id`` (an id seen before: the later
+annotation is skipped), ``unknown_image`` (image id not in ``images`` or skipped),
+``unknown_category`` (a ``category_id`` not in the file's ``categories``; a file that lists no
+categories at all is not checked),
 ``crowd`` (``iscrowd: 1``: a group, not one instance), ``empty_segmentation`` (no polygon or
 a polygon of fewer than 3 points), ``out_of_bounds`` (a polygon point more than
 :data:`BOUNDS_TOLERANCE` px outside the image, or an RLE whose size is not the image's),
@@ -63,6 +66,7 @@ class SegmentIndex:
         self.segments = segments
         self.categories = categories
         self.skipped = Counter(skipped or {})
+        self.skip_examples: dict[str, list[str]] = {}  # reason -> first few "json: what" (from_coco)
         self.source = source
         self._by_image: dict[int, list[int]] = defaultdict(list)
         self._by_category: dict[int, list[int]] = defaultdict(list)
@@ -98,11 +102,14 @@ class SegmentIndex:
 
     @classmethod
     def from_coco(cls, json_path, images_dir=None, *, min_area: float = 0.0, min_side: float = 0.0,
-                  categories=None, min_score: float | None = None, check_files: bool = True) -> SegmentIndex:
+                  categories=None, min_score: float | None = None, check_files: bool = True,
+                  log_skips: bool = True) -> SegmentIndex:
         """Read a COCO instances json; ``images_dir`` (default: the json's folder) holds the files.
 
         ``categories`` keeps only those ids or names (None keeps all). ``check_files`` skips images
-        whose file does not exist (one ``stat`` per image).
+        whose file does not exist (one ``stat`` per image). ``log_skips=False``: do not log the skipped
+        items here, only keep the first few per reason in :attr:`SegmentIndex.skip_examples` (a
+        generator worker hands them to the driver, which names them once for the whole job).
         """
         json_path = Path(json_path)
         images_dir = Path(images_dir) if images_dir is not None else json_path.parent
@@ -119,7 +126,7 @@ class SegmentIndex:
             if not isinstance(data.get(key), list):
                 raise CocoFormatError(f"{json_path}: '{key}' must be a list (is this a COCO instances file?)")
         loader = _Loader(json_path, images_dir, min_area=min_area, min_side=min_side, categories=categories,
-                         min_score=min_score, check_files=check_files)
+                         min_score=min_score, check_files=check_files, log_skips=log_skips)
         index = loader.run(data)
         return index
 
@@ -156,20 +163,27 @@ def _rle_string_total(counts: bytes) -> int:
 
 
 class _Loader:
-    def __init__(self, json_path: Path, images_dir: Path, *, min_area, min_side, categories, min_score, check_files):
+    def __init__(self, json_path: Path, images_dir: Path, *, min_area, min_side, categories, min_score, check_files,
+                 log_skips: bool = True):
         self.json_path = json_path
         self.images_dir = images_dir
         self.min_area = float(min_area)
         self.min_side = float(min_side)
         self.categories_filter = categories
+        self.known_categories: set[int] = set()
         self.min_score = min_score
         self.check_files = check_files
         self.skipped: Counter = Counter()
+        self.log_skips = log_skips
+        self.examples: dict[str, list[str]] = {}
+        self.annotation_ids: set[int] = set()
 
     def skip(self, reason: str, what: str) -> None:
         self.skipped[reason] += 1
         if self.skipped[reason] <= WARN_EXAMPLES:
-            log.warning("%s: skipping %s (%s)", self.json_path, what, reason.replace("_", " "))
+            self.examples.setdefault(reason, []).append(f"{self.json_path}: {what}")
+            if self.log_skips:
+                log.warning("%s: skipping %s (%s)", self.json_path, what, reason.replace("_", " "))
 
     def run(self, data: dict) -> SegmentIndex:
         cats = {}
@@ -177,6 +191,7 @@ class _Loader:
             if isinstance(c, dict) and isinstance(c.get("id"), int):
                 cats[c["id"]] = str(c.get("name", c["id"]))
         keep_cats = self._resolve_category_filter(cats)
+        self.known_categories = set(cats)
         images = self._images(data["images"])
         segments = []
         for ann in data["annotations"]:
@@ -184,11 +199,13 @@ class _Loader:
             if seg is not None:
                 segments.append(seg)
         for reason, n in sorted(self.skipped.items()):
-            if n > WARN_EXAMPLES:
+            if n > WARN_EXAMPLES and self.log_skips:
                 log.warning("%s: skipped %d items in all for reason %s", self.json_path, n, reason)
         log.info("%s: %d segments in %d images (%d skipped)", self.json_path, len(segments),
                  len({s.image_id for s in segments}), sum(self.skipped.values()))
-        return SegmentIndex(images, segments, cats, self.skipped, source=str(self.json_path))
+        index = SegmentIndex(images, segments, cats, self.skipped, source=str(self.json_path))
+        index.skip_examples = self.examples
+        return index
 
     def _resolve_category_filter(self, cats: dict[int, str]) -> set[int] | None:
         if self.categories_filter is None:
@@ -235,8 +252,15 @@ class _Loader:
         if not isinstance(aid, int) or not isinstance(iid, int) or not isinstance(cat, int) or segm is None:
             self.skip("malformed_annotation", what + ": needs int id, image_id, category_id and a segmentation")
             return None
+        if aid in self.annotation_ids:
+            self.skip("duplicate_annotation_id", what + ": the id of an earlier annotation")
+            return None
+        self.annotation_ids.add(aid)
         if iid not in images:
             self.skip("unknown_image", what)
+            return None
+        if self.known_categories and cat not in self.known_categories:
+            self.skip("unknown_category", what + f": category_id {cat} is not in the file's categories")
             return None
         if ann.get("iscrowd", 0):
             self.skip("crowd", what)

@@ -18,11 +18,12 @@ so concurrent workers and reruns agree.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from segswap.core.atomic import atomic_open, atomic_write
 
 # skimage.data function names whose image files ship inside the scikit-image wheel.
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "clock", "moon", "page", "text",
@@ -56,9 +57,8 @@ def _write(names, dest_dir) -> list[Path]:
         path = dest / f"{name}.png"
         if not path.is_file():
             rgb = _as_rgb(np.asarray(getattr(data, name)()))
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
-            os.replace(tmp, path)
+            with atomic_open(path, "wb") as f:
+                Image.fromarray(rgb).save(f, format="PNG", compress_level=1)
         paths.append(path)
     return paths
 
@@ -81,7 +81,7 @@ def embedded_coco(dest_dir) -> Path:
     from pycocotools import mask as mask_utils
     from skimage.segmentation import felzenszwalb
 
-    from segswap.pipeline.images import load_rgb
+    from segswap.core.images import load_rgb
 
     dest = Path(dest_dir)
     out = dest / "embedded_segments.json"
@@ -108,7 +108,5 @@ def embedded_coco(dest_dir) -> Path:
     data = {"info": {"description": "segswap embedded demo segments (Felzenszwalb regions of scikit-image "
                                     "sample photos)", "felzenszwalb": FELZENSZWALB, "segment_side": SEGMENT_SIDE},
             "images": images, "annotations": annotations, "categories": [{"id": 1, "name": "segment"}]}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(data))
     return out

@@ -80,10 +80,3 @@ class BoxScorer:
         ii = self.integral
         total = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
         return total / np.maximum(boxes[:, 2] * boxes[:, 3], 1)
-
-
-def saliency_threshold(pixel_map: np.ndarray, quantile: float) -> float:
-    """The image-relative cut-off: the ``quantile`` of the map's values (0.5 = the median pixel)."""
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"saliency quantile must be in [0, 1], got {quantile}")
-    return float(np.quantile(pixel_map, quantile))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from segswap.core.images import write_png
+from segswap.segments.coco import SegmentIndex
 
 
 def _palette(k: int) -> tuple[int, int, int]:
@@ -26,27 +27,25 @@ def _palette(k: int) -> tuple[int, int, int]:
     return int(bgr[0]), int(bgr[1]), int(bgr[2])
 
 
-def _tile(rgb: np.ndarray, anns: list[dict], title: str, tile_height: int, alpha: float) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
+def _tile(rgb: np.ndarray, segs: list, masks: list[np.ndarray], title: str, tile_height: int, alpha: float,
+          scores: bool) -> np.ndarray:
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     overlay = bgr.copy()
     outlines = []
-    for k, ann in enumerate(anns):
-        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+    for k, (seg, mask) in enumerate(zip(segs, masks)):
         if mask.shape != bgr.shape[:2]:
             mask = cv2.resize(mask.astype(np.uint8), bgr.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
         overlay[mask] = _palette(k)
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outlines.append((contours, _palette(k), ann))
+        outlines.append((contours, _palette(k), seg))
     out = cv2.addWeighted(overlay, alpha, bgr, 1.0 - alpha, 0.0)
     scale = tile_height / out.shape[0]
     out = cv2.resize(out, (max(1, round(out.shape[1] * scale)), tile_height), interpolation=cv2.INTER_AREA)
-    for k, (contours, colour, ann) in enumerate(outlines):
+    for k, (contours, colour, seg) in enumerate(outlines):
         scaled = [np.round(c * scale).astype(np.int32) for c in contours]
         cv2.drawContours(out, scaled, -1, colour, 2)
-        x, y = ann["bbox"][0] * scale, ann["bbox"][1] * scale
-        label = f"{k + 1}:{ann.get('score', 0):.2f}" if "score" in ann else f"{k + 1}"
+        x, y = seg.bbox[0] * scale, seg.bbox[1] * scale
+        label = f"{k + 1}:{seg.score:.2f}" if scores else f"{k + 1}"
         cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3)
         cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
     bar = np.full((22, out.shape[1], 3), 255, np.uint8)
@@ -59,10 +58,11 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     """Draw up to ``n`` images of a COCO segment file with their masks into ``out_png``; returns its path.
 
     ``images_dir``: where the ``file_name`` entries are (default: ``info.provenance.images_dir`` of an
-    unsupervised segment file, else the json's folder). Missing or unreadable images are skipped with a
-    note on stderr.
+    unsupervised segment file, else the json's folder). The file is read by the generator's own loader
+    (:meth:`SegmentIndex.from_coco`: polygons, compressed and uncompressed RLE; malformed entries are
+    skipped with a warning naming them). Missing or unreadable images are skipped with a note on stderr.
     """
-    from segswap.pipeline.images import BadImage, load_rgb
+    from segswap.core.images import BadImage, load_rgb
 
     json_path = Path(json_path)
     coco = json.loads(json_path.read_text())
@@ -71,23 +71,22 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     if images_dir is None:
         images_dir = coco.get("info", {}).get("provenance", {}).get("images_dir") or json_path.parent
     images_dir = Path(images_dir)
-    by_image = defaultdict(list)
-    for ann in coco["annotations"]:
-        by_image[ann["image_id"]].append(ann)
-    for anns in by_image.values():
-        anns.sort(key=lambda a: -a.get("score", 0.0))
-    images = sorted(coco["images"], key=lambda im: (not by_image.get(im["id"]), im["id"]))
+    index = SegmentIndex.from_coco(json_path, images_dir, check_files=False)
+    scores = any(isinstance(a, dict) and "score" in a for a in coco["annotations"])
+    by_image = {iid: sorted(index.segments_of_image(iid), key=lambda s: -s.score) for iid in index.images}
+    images = sorted(index.images.values(), key=lambda im: (not by_image.get(im.id), im.id))
     tiles = []
     for im in images:
         if len(tiles) >= n:
             break
         try:
-            rgb = load_rgb(images_dir / im["file_name"])
+            rgb = load_rgb(im.path)
         except BadImage as err:
             print(f"draw_segments: skipping {err}", file=sys.stderr)
             continue
-        anns = by_image.get(im["id"], [])
-        tiles.append(_tile(rgb, anns, f"{im['file_name']} ({len(anns)})", tile_height, alpha))
+        segs = by_image.get(im.id, [])
+        masks = [index.decode_mask(seg).astype(bool) for seg in segs]
+        tiles.append(_tile(rgb, segs, masks, f"{im.file_name} ({len(segs)})", tile_height, alpha, scores))
     if not tiles:
         raise ValueError(f"{json_path}: no drawable images found under {images_dir}")
     rows = []
@@ -99,11 +98,7 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     sheet = np.concatenate([np.pad(r, ((0, 4), (0, full_width - r.shape[1]), (0, 0)), constant_values=255)
                             for r in rows], axis=0)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.stem + ".tmp" + out_png.suffix)
-    if not cv2.imwrite(str(tmp), sheet):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, out_png)
+    write_png(out_png, sheet[..., ::-1])  # the sheet is BGR (cv2 drawing)
     return out_png
 
 

@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import platform
-import subprocess
-import sys
 import tarfile
-import time
 from collections import Counter
 
+from segswap.core.atomic import atomic_write_json
 from segswap.shards.format import FORMAT_VERSION
-from segswap.shards.writer import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +37,6 @@ MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "manifests"
 INDEX_KIND = "wids-shard-index-v1"
 SHARD_GLOB = "*.tar"
-VERSIONED_PACKAGES = ("segswap", "numpy", "scipy", "torch", "opencv-contrib-python-headless", "pyamg",
-                      "pycocotools", "webdataset", "ray", "scikit-image", "onnxruntime", "kornia")
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary name then rename, so readers never see half a file."""
-    # Host and pid in the temporary name: tasks of a SLURM array on a shared filesystem may write
-    # the same file at once.
-    tmp = f"{path}.{platform.node()}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict:
@@ -151,40 +131,11 @@ def build_index(out_dir: str, name: str | None = None, rehash: bool = False) -> 
 
 def write_index(out_dir: str, name: str | None = None, rehash: bool = False) -> dict:
     index = build_index(out_dir, name, rehash)
-    write_json_atomic(os.path.join(out_dir, INDEX_NAME), index)
+    atomic_write_json(os.path.join(out_dir, INDEX_NAME), index, sort_keys=True, fsync=True)
     return index
 
 
 # --------------------------------------------------------------------------------------- manifest
-
-def package_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_revision(path: str | None = None) -> str | None:
-    """``<sha>`` or ``<sha>-dirty`` of the checkout holding segswap's code; None outside a checkout."""
-    path = path or os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{sha}-dirty" if dirty else sha
-
-
-def environment() -> dict:
-    """Where and with what a part ran (for the manifest)."""
-    return {"packages": package_versions(), "git_revision": git_revision(), "host": platform.node(),
-            "argv": sys.argv, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
 
 def part_path(out_dir: str, part_name: str) -> str:
     return os.path.join(out_dir, PARTS_DIR, part_name + ".json")
@@ -193,7 +144,7 @@ def part_path(out_dir: str, part_name: str) -> str:
 def write_part(out_dir: str, part_name: str, part: dict) -> str:
     os.makedirs(os.path.join(out_dir, PARTS_DIR), exist_ok=True)
     path = part_path(out_dir, part_name)
-    write_json_atomic(path, part)
+    atomic_write_json(path, part, sort_keys=True, fsync=True)
     return path
 
 
@@ -234,6 +185,8 @@ def merge_manifest(out_dir: str, index: dict | None = None) -> dict:
         "counts": {"shards": len(present), "pairs": pairs, "attempts": attempts,
                    "shards_without_stats": sorted(u for u in present if u not in shard_stats)},
         "skips": dict(sorted(skips.items())),
+        # What the segments file's loader skipped (COCO items, by reason): the same for every part.
+        "segment_skips": last.get("segment_skips", {}),
         "wall_time_s": round(sum(p.get("wall_time_s", 0.0) for p in parts), 3),
         "parts": [{k: p.get(k) for k in ("name", "host", "started_utc", "wall_time_s", "shard_range",
                                           "shards_written", "shards_resumed", "workers", "git_revision")}
@@ -245,5 +198,5 @@ def rebuild(out_dir: str, rehash: bool = False) -> tuple[dict, dict]:
     """Rewrite ``index.json`` then ``manifest.json`` from what the directory holds."""
     index = write_index(out_dir, rehash=rehash)
     manifest = merge_manifest(out_dir, index)
-    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    atomic_write_json(os.path.join(out_dir, MANIFEST_NAME), manifest, sort_keys=True, fsync=True)
     return index, manifest

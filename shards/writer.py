@@ -53,20 +53,25 @@ class ShardWriter:
         self.nsamples += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        renamed = False
         try:
-            self._tar.close()  # does not close the file object we passed in
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-            self._tar = self._file = None
-        if exc_type is None:
-            os.replace(self.tmp_path, self.path)
-        else:
             try:
-                os.remove(self.tmp_path)
-            except FileNotFoundError:
-                pass
+                self._tar.close()  # does not close the file object we passed in
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+                self._tar = self._file = None
+            if exc_type is None:
+                os.replace(self.tmp_path, self.path)
+                renamed = True
+        finally:
+            # Also when closing fails (a full disk fails the last flush): no temporary file stays behind.
+            if not renamed:
+                try:
+                    os.remove(self.tmp_path)
+                except FileNotFoundError:
+                    pass
 
 
 def write_shard(path: str | os.PathLike, samples) -> int:

@@ -6,12 +6,12 @@ import os
 import cv2
 import numpy as np
 import pytest
+from toy_model import ToyMatcher, toy_scene
 
 from segswap.apps import cli_common
 from segswap.apps.coseg import foreground_potentials, grabcut_mask
 from segswap.apps.features_cache import FeatureCache
 from segswap.apps.graph import Vertices
-from segswap.apps.toy_model import ToyMatcher, toy_scene
 
 
 def _write(path, rgb):

@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from synthetic_graph import make_planted, vertex_truth
 
 from segswap.apps.collection import closing_pairs, top_pairs
 from segswap.apps.graph import PairPredictions, build_graph, extract_vertices
 from segswap.apps.spectral import first_eigenvector, kmeans, leading_eigenvectors, spectral_embedding
-from segswap.apps.synthetic_graph import make_planted, vertex_truth
 
 G = 4  # grid side of the hand-computed cases
 

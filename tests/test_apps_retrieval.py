@@ -5,11 +5,11 @@ import os
 import cv2
 import numpy as np
 import pytest
+from toy_model import ToyMatcher, toy_scene
 
 from segswap.apps import brueghel, placerec
 from segswap.apps.features_cache import FeatureCache
 from segswap.apps.metrics import average_precision, precision_jaccard, recall_at_n
-from segswap.apps.toy_model import ToyMatcher, toy_scene
 
 
 def _write(path, rgb):

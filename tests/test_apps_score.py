@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from toy_model import ToyMatcher, toy_scene
 
 from segswap.apps.features_cache import FeatureCache
 from segswap.apps.pairs import score_query
 from segswap.apps.score import cell_index, refine_query_mask, retrieval_scores
-from segswap.apps.toy_model import ToyMatcher, toy_scene
 
 
 def _flow_to(cells_xy, w, h):

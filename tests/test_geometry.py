@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from segswap.core.tps import ThinPlateSpline, random_tps
 from segswap.pipeline.geometry import (
     GeometryConfig,
     PasteWarp,
@@ -17,7 +18,6 @@ from segswap.pipeline.geometry import (
     layout_cells,
     resize_mask,
 )
-from segswap.shards.tps import ThinPlateSpline, random_tps
 
 
 @pytest.mark.parametrize("per_side", [4, 6])

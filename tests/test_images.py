@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segswap.pipeline.images import BadImage, load_rgb
+from segswap.core.images import BadImage, load_rgb
 
 
 def _gradient(h=40, w=60):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dense4d import dense_conv4d, densify, sparsify, swap_ab
 from synthetic_shards import write_synthetic_shards
 
-from segswap.train.dense4d import dense_conv4d, densify, sparsify, swap_ab
 from segswap.train.ncnet import (
     NCNetWeightsError,
     SparseNCNet,

@@ -97,7 +97,7 @@ def test_rle_string_total_agrees_with_pycocotools():
 
 
 def test_embedded_backgrounds_are_written_once(tmp_path):
-    from segswap.pipeline.images import load_rgb
+    from segswap.core.images import load_rgb
     from segswap.segments.embedded import TEXTURES, embedded_backgrounds
 
     paths = embedded_backgrounds(tmp_path)

@@ -3,9 +3,9 @@ import itertools
 
 import pytest
 import torch
+from dense4d import dense_conv4d, densify, sparsify, swap_ab
 
 from segswap.train import sparse4d
-from segswap.train.dense4d import dense_conv4d, densify, sparsify, swap_ab
 from segswap.train.sparse4d import (
     NeighbourMap,
     SubmanifoldConv4d,

@@ -8,8 +8,8 @@ import pytest
 from unsupervised_scenes import planted_scene
 
 from segswap.segments.cli import add_extraction_arguments, extraction_options, main
+from segswap.segments.params import ExtractionParams
 from segswap.segments.show import draw_segments
-from segswap.segments.unsupervised import ExtractionParams
 
 
 @pytest.fixture

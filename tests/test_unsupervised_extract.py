@@ -10,9 +10,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from unsupervised_scenes import planted_scene
 
+import segswap.segments.extract as extract_mod
 import segswap.segments.unsupervised as unsup
 from segswap.nets.dense_features import build_feature_extractor
-from segswap.segments.unsupervised import ExtractionParams, extract_image, run_extraction
+from segswap.segments.extract import extract_image
+from segswap.segments.params import ExtractionParams
+from segswap.segments.unsupervised import run_extraction
 
 
 def _iou(a, b):
@@ -174,14 +177,14 @@ def test_option_errors(tmp_path):
 
 def test_an_image_that_breaks_extraction_is_skipped_and_counted(image_folder, tmp_path, monkeypatch):
     folder, _ = image_folder
-    real = unsup.extract_image
+    real = extract_mod.extract_image
 
     def fail_on_noise(rgb, *args, **kwargs):
         if rgb[..., 0].mean() > 100:  # only the grey noise image is this red; the scenes are green
             raise cv2.error("simulated OpenCV failure")
         return real(rgb, *args, **kwargs)
 
-    monkeypatch.setattr(unsup, "extract_image", fail_on_noise)
+    monkeypatch.setattr(extract_mod, "extract_image", fail_on_noise)
     files = [folder / "a.png", folder / "noise.png"]
     out = run_extraction(files, tmp_path / "s.json", images_dir=folder, **OPTS)
     prov = json.loads(out.read_text())["info"]["provenance"]

@@ -6,11 +6,9 @@ run directory as ``config.yaml`` and stored in every checkpoint.
 """
 from __future__ import annotations
 
-import copy
-import os
-
 import yaml
 
+from segswap.core.config import ConfigError, load_config
 from segswap.nets.device import available_cpus
 from segswap.train.data import AUGMENT_DEFAULTS, STREAM_DEFAULTS
 from segswap.train.hardneg import HARDNEG_DEFAULTS
@@ -73,56 +71,6 @@ PHASE_DEFAULTS = {"main": {"lr": 2e-4, "warmup_steps": 1000}, "hardneg": {"lr": 
 OPEN_SECTIONS = {("model", "ncnet")}  # free-form: checked by the class that receives them
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def merge(base: dict, override: dict, where: str, path: tuple = ()) -> dict:
-    """Deep-merge ``override`` into a copy of ``base``; unknown keys are errors."""
-    out = copy.deepcopy(base)
-    for k, v in (override or {}).items():
-        here = path + (k,)
-        if path in OPEN_SECTIONS:
-            out[k] = v
-            continue
-        if k not in base:
-            raise ConfigError(f"{where}: unknown config key {'.'.join(here)!r} "
-                              f"(known at this level: {', '.join(sorted(base))})")
-        if isinstance(base[k], dict) and here not in OPEN_SECTIONS:
-            if not isinstance(v, dict):
-                raise ConfigError(f"{where}: {'.'.join(here)!r} must be a mapping")
-            out[k] = merge(base[k], v, where, here)
-        elif here in OPEN_SECTIONS:
-            out[k] = dict(v or {})
-        else:
-            out[k] = v
-    return out
-
-
-def load_yaml(path: str | os.PathLike) -> dict:
-    path = os.fspath(path)
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return data
-
-
-def set_path(cfg: dict, dotted: str, value) -> None:
-    node = cfg
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    node[last] = value
-
-
 def resolve_phase(cfg: dict) -> dict:
     phase = cfg["train"]["phase"]
     if phase not in PHASE_DEFAULTS:
@@ -155,12 +103,7 @@ def validate(cfg: dict) -> dict:
 
 def resolve(config_file: str | None, overrides: dict) -> dict:
     """defaults < YAML file < ``overrides`` (dotted keys -> values, None = not given)."""
-    cfg = copy.deepcopy(DEFAULTS)
-    if config_file:
-        cfg = merge(cfg, load_yaml(config_file), config_file)
-    for dotted, value in overrides.items():
-        if value is not None:
-            set_path(cfg, dotted, value)
+    cfg = load_config(DEFAULTS, config_file, overrides, open_sections=OPEN_SECTIONS)
     return validate(resolve_phase(cfg))
 
 

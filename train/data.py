@@ -44,8 +44,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from segswap.core.tps import ThinPlateSpline, lattice_points, random_tps, upsample_lattice
 from segswap.shards.format import ALL_FIELDS, FormatError, Pair, decode_sample
-from segswap.shards.tps import ThinPlateSpline, lattice_points, random_tps, upsample_lattice
 
 log = logging.getLogger(__name__)
 

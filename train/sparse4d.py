@@ -31,7 +31,7 @@ Kernel layout (MinkowskiEngine's, so Sparse NC-Net weights convert unchanged)
     ``d = (u0, u1, u2, u3) - (K - 1) // 2`` with ``k = u0 + K*u1 + K**2*u2 + K**3*u3``: the first spatial
     coordinate (iA) varies fastest. For K = 3: ``k = (diA+1) + 3(djA+1) + 9(diB+1) + 27(djB+1)``, the
     centre tap is ``k = 40``. :func:`me_kernel_to_dense` / :func:`dense_kernel_to_me` convert to and from the
-    dense ``[C_out, C_in, K, K, K, K]`` layout of :mod:`segswap.train.dense4d`.
+    dense ``[C_out, C_in, K, K, K, K]`` layout of the dense oracle ``tests/dense4d.py``.
 
 Everything is device-agnostic (CPU and CUDA); float32 and float64 features are supported.
 """

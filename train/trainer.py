@@ -21,11 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import resource
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -35,6 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segswap.core.atomic import atomic_write as _atomic_write
+from segswap.core.provenance import git_revision as _git_rev
+from segswap.core.provenance import package_versions as _versions
 from segswap.nets.device import resolve_device
 from segswap.train import config as config_mod
 from segswap.train.checkpoint import init_weights, read_checkpoint, save_checkpoint
@@ -79,25 +80,6 @@ class TrainStep(nn.Module):
         out["emb0"] = self.proj(out["tokens0"])
         out["emb1"] = self.proj(out["tokens1"])
         return out
-
-
-def _git_rev() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("webdataset", "cv2", "scipy", "kornia"):
-        try:
-            out[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
-            pass
-    return out
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -410,13 +392,6 @@ def _token_dim(head: nn.Module) -> int:
         if hasattr(head, attr):
             return int(getattr(head, attr))
     raise ValueError(f"{type(head).__name__} does not say its token dimension (d_model); pixel contrast needs it")
-
-
-def _atomic_write(path: str, text: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def train(cfg: dict) -> int:

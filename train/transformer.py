@@ -155,10 +155,6 @@ class CrossImageTransformer(nn.Module):
         return out
 
 
-def build_transformer(cfg: dict, feat_dim: int = 1024) -> CrossImageTransformer:
-    return CrossImageTransformer(feat_dim=feat_dim, **cfg)
-
-
 _OFFICIAL_LAYER = re.compile(r"^net\.encoder_blocks\.(\d+)\.layer([12])\.(inner|cross)_encoder_layer\.(.+)$")
 
 
@@ -196,9 +192,3 @@ def infer_official_size(sd: dict, num_blocks: int) -> str:
         if (d, f, n) == (d_model, ffn, num_blocks):
             return name
     raise ValueError(f"no model size has d_model={d_model}, FFN={ffn}, {num_blocks} blocks")
-
-
-def pad_from_mask(mask1: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Key padding for image 1 from its grid mask: background cells (mask < threshold) are hidden."""
-    return mask1 < threshold
-

@@ -46,29 +46,64 @@ class BadImage(ValueError):
         return (BadImage, (self.path, self.reason))
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == bool:
-        return arr.astype(np.uint8) * 255
-    if np.issubdtype(arr.dtype, np.integer):
-        # 16-bit data (Pillow modes I;16 / I): full range 0..65535 -> 0..255.
-        return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
-    return np.clip(np.rint(arr.astype(np.float64)), 0, 255).astype(np.uint8)
+# Conversions run over bands of rows so that no full-size temporary wider than uint8 RGB exists: peak
+# memory is the decoded Pillow image plus the uint8 output plus one band (a 100-megapixel RGBA PNG
+# used to cost 16 bytes per pixel in float32 alone).
+BAND_PIXELS = 1 << 17
+
+
+def _bands(h: int, w: int):
+    rows = max(1, BAND_PIXELS // max(w, 1))
+    for y0 in range(0, h, rows):
+        yield y0, min(h, y0 + rows)
+
+
+def _gray_to_uint8(band: np.ndarray) -> np.ndarray:
+    """One band of a single-channel image (bool, 8/16/32-bit integers, float) as uint8."""
+    if band.dtype == np.uint8:
+        return band
+    if band.dtype == bool:
+        return band.astype(np.uint8) * 255
+    if np.issubdtype(band.dtype, np.integer):
+        # 16-bit data (Pillow modes I;16 / I): full range 0..65535 -> 0..255 by rounding v / 257. The
+        # integer form (v + 128) // 257 is exact: v / 257 is never exactly half-way for integer v.
+        v = np.clip(band.astype(np.int64, copy=False), 0, 65535)
+        return ((v + 128) // 257).astype(np.uint8)
+    return np.clip(np.rint(band), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 [h, w, 4] -> uint8 [h, w, 3]: c * a/255 + 255 * (1 - a/255), rounded to nearest.
+
+    The same value is 255 - (255 - c) * a / 255, and (v + 127) // 255 rounds v / 255 exactly (never
+    half-way for an integer v), so 16-bit integer arithmetic on one band suffices: (255 - c) * a + 127
+    is at most 65152.
+    """
+    a = rgba[..., 3:4].astype(np.uint16)
+    v = 255 - rgba[..., :3].astype(np.uint16)
+    v *= a
+    v += 127
+    v //= 255
+    return (255 - v).astype(np.uint8)
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im)
+    w, h = im.size
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        if mode != "RGBA":
+            im = im.convert("RGBA")
+        out = np.empty((h, w, 3), np.uint8)
+        for y0, y1 in _bands(h, w):
+            out[y0:y1] = _composite_on_white(np.asarray(im.crop((0, y0, w, y1))))
+        return out
     if mode.startswith("I") or mode == "F":
-        gray = _to_uint8(np.asarray(im))
-        return np.repeat(gray[..., None], 3, axis=2)
+        out = np.empty((h, w, 3), np.uint8)
+        for y0, y1 in _bands(h, w):
+            out[y0:y1] = _gray_to_uint8(np.asarray(im.crop((0, y0, w, y1))))[..., None]
+        return out
     return np.asarray(im.convert("RGB"))
 
 
@@ -82,6 +117,8 @@ def load_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
         size = os.path.getsize(path)
     except OSError as e:
         raise BadImage(path, f"cannot read file ({e.strerror or e})") from e
+    if os.path.isdir(path):
+        raise BadImage(path, "a directory, not an image file")
     if size == 0:
         raise BadImage(path, "empty file (0 bytes)")
     try:
@@ -97,7 +134,8 @@ def load_rgb(path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int
                 if min(w, h) < min_side:
                     raise BadImage(path, f"image is {w}x{h} pixels, smaller than {min_side} px on a side")
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                # In place: the rotated copy replaces the decoded pixels instead of living beside them.
+                ImageOps.exif_transpose(im, in_place=True)
                 rgb = _to_rgb_array(im)
     except BadImage:
         raise
@@ -123,3 +161,17 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
         return rgb.copy()
     shrinking = width < w and height < h
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write uint8 RGB [H, W, 3] (or grey [H, W]) as a PNG, atomically, creating the folder."""
+    import cv2
+
+    from segswap.core.atomic import atomic_write
+
+    rgb = np.ascontiguousarray(rgb)
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    atomic_write(path, buf.tobytes())
