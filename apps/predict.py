@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from segswap.core import viz
 from segswap.nets.device import resolve_device
 from segswap.pipeline.images import load_rgb
 
@@ -54,35 +55,12 @@ def render(pred: dict, n_corr: int = 30, threshold: float = 0.5, rng: np.random.
     """Side-by-side RGB visualisation (see the module docstring)."""
     rng = rng or np.random.default_rng(0)
     im0, im1 = pred["images"]
-    s = im0.shape[0]
-    panels = []
-    for im, m in ((im0, pred["mask0"]), (im1, pred["mask1"])):
-        alpha = cv2.resize(m.astype(np.float32), (s, s), interpolation=cv2.INTER_LINEAR)[..., None]
-        red = np.array([255, 0, 0], np.float32)
-        panels.append((im.astype(np.float32) * (1 - 0.6 * alpha) + red * 0.6 * alpha).astype(np.uint8))
-    canvas = np.ascontiguousarray(np.concatenate(panels, axis=1))
-    h, w = pred["mask0"].shape
-    cells = np.argwhere(pred["mask0"] > threshold)
-    if len(cells) > n_corr:
-        cells = cells[rng.choice(len(cells), n_corr, replace=False)]
-    for k, (i, j) in enumerate(cells):
-        p0 = (int((j + 0.5) / w * s), int((i + 0.5) / h * s))
-        x, y = pred["flow01"][i, j]
-        p1 = (int(x * s) + s, int(y * s))
-        hue = int(180 * k / max(len(cells), 1))
-        colour = cv2.cvtColor(np.uint8([[[hue, 255, 255]]]), cv2.COLOR_HSV2RGB)[0, 0].tolist()
-        cv2.line(canvas, p0, p1, colour, 1, cv2.LINE_AA)
-        cv2.circle(canvas, p0, 3, colour, -1, cv2.LINE_AA)
-        cv2.circle(canvas, p1, 3, colour, -1, cv2.LINE_AA)
-    return canvas
+    lines = viz.prediction_lines(pred["mask0"], pred["flow01"], n_corr, threshold, rng)
+    return viz.prediction_panel(im0, im1, pred["mask0"], pred["mask1"], lines, gap=0)
 
 
 def write_outputs(pred: dict, canvas: np.ndarray, png: str, npz: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    tmp_png = png + ".tmp.png"
-    if not cv2.imwrite(tmp_png, canvas[:, :, ::-1]):
-        raise OSError(f"{png}: cannot write the PNG")
-    os.replace(tmp_png, png)
+    viz.write_png(png, canvas)
     tmp_npz = npz + ".tmp"
     with open(tmp_npz, "wb") as f:
         np.savez(f, mask0=pred["mask0"], mask1=pred["mask1"], flow01=pred["flow01"], flow10=pred["flow10"],

@@ -11,47 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-
-def _palette(k: int) -> tuple[int, int, int]:
-    hue = (k * 47) % 180  # spread hues so neighbouring ranks differ
-    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
-    return int(bgr[0]), int(bgr[1]), int(bgr[2])
+from segswap.core import viz
 
 
 def _tile(rgb: np.ndarray, anns: list[dict], title: str, tile_height: int, alpha: float) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    overlay = bgr.copy()
-    outlines = []
-    for k, ann in enumerate(anns):
-        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
-        if mask.shape != bgr.shape[:2]:
-            mask = cv2.resize(mask.astype(np.uint8), bgr.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
-        overlay[mask] = _palette(k)
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outlines.append((contours, _palette(k), ann))
-    out = cv2.addWeighted(overlay, alpha, bgr, 1.0 - alpha, 0.0)
-    scale = tile_height / out.shape[0]
-    out = cv2.resize(out, (max(1, round(out.shape[1] * scale)), tile_height), interpolation=cv2.INTER_AREA)
-    for k, (contours, colour, ann) in enumerate(outlines):
-        scaled = [np.round(c * scale).astype(np.int32) for c in contours]
-        cv2.drawContours(out, scaled, -1, colour, 2)
-        x, y = ann["bbox"][0] * scale, ann["bbox"][1] * scale
-        label = f"{k + 1}:{ann.get('score', 0):.2f}" if "score" in ann else f"{k + 1}"
-        cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3)
-        cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
-    bar = np.full((22, out.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, title[:max(8, out.shape[1] // 8)], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    return np.concatenate([bar, out], axis=0)
+    masks = [mask_utils.decode(ann["segmentation"]).astype(bool) for ann in anns]
+    labels = [(f"{k + 1}:{ann.get('score', 0):.2f}" if "score" in ann else f"{k + 1}", ann["bbox"][:2])
+              for k, ann in enumerate(anns)]
+    return viz.segment_tile(rgb, masks, labels, title, tile_height, alpha)
 
 
 def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 12, *, columns: int = 4,
@@ -95,15 +70,7 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     for start in range(0, len(tiles), columns):
         row = [part for t in tiles[start:start + columns] for part in (t, gap)]
         rows.append(np.concatenate(row, axis=1))
-    full_width = max(r.shape[1] for r in rows)
-    sheet = np.concatenate([np.pad(r, ((0, 4), (0, full_width - r.shape[1]), (0, 0)), constant_values=255)
-                            for r in rows], axis=0)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.stem + ".tmp" + out_png.suffix)
-    if not cv2.imwrite(str(tmp), sheet):
-        raise OSError(f"could not write {tmp}")
-    os.replace(tmp, out_png)
+    out_png = Path(viz.write_png(out_png, viz.vstack(rows)))
     return out_png
 
 
