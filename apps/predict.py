@@ -17,38 +17,12 @@ import logging
 import os
 import sys
 
-import cv2
 import numpy as np
-import torch
 
 from segswap.core import viz
-from segswap.nets.device import resolve_device
 from segswap.pipeline.images import load_rgb
 
 log = logging.getLogger("segswap.predict")
-DEFAULT_SIZE = 480
-
-
-def model_size(model, requested: int | None) -> int:
-    if requested:
-        size = requested
-    else:
-        cfg = getattr(model, "config", None) or {}
-        size = int(cfg.get("data", {}).get("image_size", DEFAULT_SIZE))
-    if size % 16:
-        raise ValueError(f"--size {size} must be a multiple of 16")
-    return size
-
-
-@torch.no_grad()
-def predict_pair(model, img0: np.ndarray, img1: np.ndarray, size: int, device="cpu") -> dict:
-    """uint8 RGB images of any size -> numpy mask0/mask1 [h,w], flow01/flow10 [h,w,2] at size/16."""
-    ims = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in (img0, img1)]
-    t = [torch.as_tensor(im)[None].to(device) for im in ims]
-    out = model(t[0], t[1])
-    res = {k: out[k][0].float().cpu().numpy() for k in ("mask0", "mask1", "flow01", "flow10")}
-    res["images"] = ims
-    return res
 
 
 def render(pred: dict, n_corr: int = 30, threshold: float = 0.5, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -86,21 +60,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from segswap.train.checkpoint import CheckpointError, load_model
+    from segswap.apps.predictor import load_model
 
     try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        print(f"segswap-predict: --device: {e}", file=sys.stderr)
-        return 2
-    try:
         img0, img1 = load_rgb(args.img0), load_rgb(args.img1)
-        model = load_model(args.ckpt, device=device)
-        size = model_size(model, args.size)
-    except (ValueError, CheckpointError) as e:
+        predictor = load_model(args.ckpt, device=args.device, size=args.size)  # CheckpointError is a ValueError
+    except ValueError as e:
         print(f"segswap-predict: {e}", file=sys.stderr)
         return 2
-    pred = predict_pair(model, img0, img1, size, device)
+    pred = predictor.predict(img0, img1, resolution="grid")
+    pred["images"] = [predictor.resized(img0), predictor.resized(img1)]
     npz = args.npz or os.path.splitext(args.out)[0] + ".npz"
     write_outputs(pred, render(pred, args.n_corr, args.threshold), args.out, npz)
     log.info("mask cover: image 0 %.1f%%, image 1 %.1f%%; wrote %s and %s",
