@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from segswap.core import viz
+from segswap.core.cli import DEVICE_HELP, add_version
 from segswap.pipeline.images import load_rgb
 
 log = logging.getLogger("segswap.predict")
@@ -51,9 +52,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="pred.png", help="visualisation PNG (default pred.png)")
     p.add_argument("--npz", help="raw arrays (default: --out with .npz)")
     p.add_argument("--size", type=int, help="input size, multiple of 16 (default: the checkpoint's, else 480)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--n-corr", type=int, default=30, help="correspondences drawn (default 30)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold for drawn correspondences")
+    add_version(p)
     return p
 
 

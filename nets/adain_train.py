@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from segswap.core.cli import DEVICE_HELP, LOADER_WORKERS_HELP, add_version
 from segswap.nets.adain import AdaIN, adain, build_decoder, calc_mean_std, load_decoder
-from segswap.nets.device import resolve_device
+from segswap.nets.device import available_cpus, resolve_device
 from segswap.nets.vgg import WeightsFileError, load_vgg_encoder
 
 log = logging.getLogger("segswap.adain_train")
@@ -72,8 +73,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--content-weight", type=float, default=1.0, help="content loss weight (default 1)")
     p.add_argument("--style-weight", type=float, default=10.0, help="style loss weight (default 10)")
     p.add_argument("--seed", type=int, default=0, help="root seed of every random choice (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2; 0 = in-process)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--workers", type=int, default=min(4, available_cpus()), help=LOADER_WORKERS_HELP)
+    add_version(p)
     p.add_argument("--save-every", type=int, default=10_000, help="checkpoint every N steps (default 10000)")
     p.add_argument("--sample-every", type=int, default=1_000, help="sample PNG every N steps (default 1000)")
     p.add_argument("--log-every", type=int, default=100, help="log line every N steps (default 100)")

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from segswap.core import viz
+from segswap.core.cli import add_version
 from segswap.shards.format import Pair
 from segswap.shards.reader import iter_pairs
 
@@ -57,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=224, help="panel side in pixels (default 224)")
     p.add_argument("--images", help="image folder of a .json input (default: the folder the json records, "
                                     "else the json's own folder)")
+    add_version(p)
     return p
 
 
