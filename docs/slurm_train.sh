@@ -33,7 +33,7 @@ GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-4}
 # DataLoader processes per GPU process: the node's CPUs shared by its GPUs, at most 8.
 WORKERS=$(( ${SLURM_CPUS_PER_TASK:-8} / GPUS_PER_NODE ))
 WORKERS=$(( WORKERS > 8 ? 8 : WORKERS ))
-HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?submit this script with sbatch}" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?submit this script with sbatch}" | sed -n 1p)  # sed reads everything: no SIGPIPE under pipefail
 
 srun torchrun --nnodes "${SLURM_NNODES:-1}" --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv_id "${SLURM_JOB_ID:-0}" --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:29500" \
