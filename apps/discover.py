@@ -131,7 +131,7 @@ def run(args) -> int:
 
     paths = read_image_arg(args.images)
     if len(paths) < 3:
-        raise SystemExit(f"{args.images}: discovery needs at least 3 images, found {len(paths)}")
+        raise ValueError(f"{args.images}: discovery needs at least 3 images, found {len(paths)}")
     model, cache = load(args)
     os.makedirs(args.out, exist_ok=True)
     if args.feature_cache is None:

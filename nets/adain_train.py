@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from segswap.core.cli import DEVICE_HELP, LOADER_WORKERS_HELP, add_version
+from segswap.core.cli import DEVICE_HELP, EXIT_USAGE, LOADER_WORKERS_HELP, add_version
 from segswap.nets.adain import AdaIN, adain, build_decoder, calc_mean_std, load_decoder
 from segswap.nets.device import available_cpus, resolve_device
 from segswap.nets.vgg import WeightsFileError, load_vgg_encoder
@@ -350,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    train(args)
+    try:
+        train(args)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)  # a user error, phrased as one line naming the file or option
+        return EXIT_USAGE
     return 0
 
 

@@ -72,7 +72,11 @@ def main(argv=None) -> int:
         from segswap.segments.show import draw_segments
 
         # images_dir None: the segment file's own record of its folder, else the json's folder.
-        draw_segments(args.input, args.images, args.out, args.n)
+        try:
+            draw_segments(args.input, args.images, args.out, args.n)
+        except (OSError, ValueError) as e:  # missing or malformed segment file: its name is in the message
+            print(f"error: {args.input}: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
         return 0
     try:
