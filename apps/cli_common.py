@@ -6,6 +6,7 @@ import logging
 import os
 
 from segswap.core.atomic import atomic_write_json
+from segswap.core.cli import DEVICE_HELP
 from segswap.core.logs import Progress, setup_logging  # noqa: F401 - the apps' logging and progress
 
 log = logging.getLogger("segswap.apps")
@@ -16,7 +17,7 @@ def model_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, help="checkpoint from segswap-train, or an official SegSwap .pth")
-    g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--batch-size", type=int, default=16, help="pairs per head call (default: 16)")
     g.add_argument("--feature-cache", default=None,
                    help="folder for an on-disk cache of backbone features (default: memory only)")
@@ -31,10 +32,12 @@ def load(args):
     import torch
 
     from segswap.apps.features_cache import FeatureCache
+    from segswap.nets.device import resolve_device
     from segswap.train.checkpoint import load_model
 
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"{args.ckpt}: checkpoint not found")
+    args.device = resolve_device(args.device)  # ValueError (exit 2) for CUDA where there is none
     model = load_model(args.ckpt, device=args.device)
     model.eval()
     torch.set_grad_enabled(False)

@@ -29,6 +29,7 @@ from segswap.apps.graph import build_graph, extract_vertices
 from segswap.apps.images import list_images
 from segswap.apps.sheets import write_sheet
 from segswap.apps.spectral import kmeans, spectral_embedding
+from segswap.core.cli import add_version
 
 DEFAULTS = {"size": 640, "top_k": 5, "threshold": 0.5, "sigma": 1.0, "min_weight": 0.01, "n_eig": 100,
             "clusters": 500}
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sheets", type=int, default=50, help="contact sheets for the top N clusters (50)")
     p.add_argument("--min-images", type=int, default=2, help="report clusters spanning at least N images (2)")
     p.add_argument("--seed", type=int, default=0)
+    add_version(p)
     return p
 
 
@@ -129,7 +131,7 @@ def run(args) -> int:
 
     paths = read_image_arg(args.images)
     if len(paths) < 3:
-        raise SystemExit(f"{args.images}: discovery needs at least 3 images, found {len(paths)}")
+        raise ValueError(f"{args.images}: discovery needs at least 3 images, found {len(paths)}")
     model, cache = load(args)
     os.makedirs(args.out, exist_ok=True)
     if args.feature_cache is None:

@@ -10,11 +10,13 @@ import os
 import sys
 
 from segswap.apps.cli_common import Progress, load, log, model_parser, setup_logging, table, write_json
+from segswap.core.cli import add_version
 
 
 def build_parser() -> argparse.ArgumentParser:
     parent = model_parser()
     p = argparse.ArgumentParser(prog="segswap-eval", description="Evaluate a SegSwap model on the paper's benchmarks.")
+    add_version(p)
     sub = p.add_subparsers(dest="benchmark", required=True)
 
     b = sub.add_parser("brueghel", parents=[parent], help="art-detail retrieval, AP per category then mean")

@@ -17,70 +17,26 @@ import logging
 import os
 import sys
 
-import cv2
 import numpy as np
-import torch
 
+from segswap.core import viz
 from segswap.core.atomic import atomic_open
-from segswap.core.images import load_rgb, write_png
-from segswap.nets.device import resolve_device
+from segswap.core.cli import DEVICE_HELP, add_version
+from segswap.core.images import load_rgb
 
 log = logging.getLogger("segswap.predict")
-DEFAULT_SIZE = 480
-
-
-def model_size(model, requested: int | None) -> int:
-    if requested:
-        size = requested
-    else:
-        cfg = getattr(model, "config", None) or {}
-        size = int(cfg.get("data", {}).get("image_size", DEFAULT_SIZE))
-    if size % 16:
-        raise ValueError(f"--size {size} must be a multiple of 16")
-    return size
-
-
-@torch.no_grad()
-def predict_pair(model, img0: np.ndarray, img1: np.ndarray, size: int, device="cpu") -> dict:
-    """uint8 RGB images of any size -> numpy mask0/mask1 [h,w], flow01/flow10 [h,w,2] at size/16."""
-    ims = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in (img0, img1)]
-    t = [torch.as_tensor(im)[None].to(device) for im in ims]
-    out = model(t[0], t[1])
-    res = {k: out[k][0].float().cpu().numpy() for k in ("mask0", "mask1", "flow01", "flow10")}
-    res["images"] = ims
-    return res
 
 
 def render(pred: dict, n_corr: int = 30, threshold: float = 0.5, rng: np.random.Generator | None = None) -> np.ndarray:
     """Side-by-side RGB visualisation (see the module docstring)."""
     rng = rng or np.random.default_rng(0)
     im0, im1 = pred["images"]
-    s = im0.shape[0]
-    panels = []
-    for im, m in ((im0, pred["mask0"]), (im1, pred["mask1"])):
-        alpha = cv2.resize(m.astype(np.float32), (s, s), interpolation=cv2.INTER_LINEAR)[..., None]
-        red = np.array([255, 0, 0], np.float32)
-        panels.append((im.astype(np.float32) * (1 - 0.6 * alpha) + red * 0.6 * alpha).astype(np.uint8))
-    canvas = np.ascontiguousarray(np.concatenate(panels, axis=1))
-    h, w = pred["mask0"].shape
-    cells = np.argwhere(pred["mask0"] > threshold)
-    if len(cells) > n_corr:
-        cells = cells[rng.choice(len(cells), n_corr, replace=False)]
-    for k, (i, j) in enumerate(cells):
-        p0 = (int((j + 0.5) / w * s), int((i + 0.5) / h * s))
-        x, y = pred["flow01"][i, j]
-        p1 = (int(x * s) + s, int(y * s))
-        hue = int(180 * k / max(len(cells), 1))
-        colour = cv2.cvtColor(np.uint8([[[hue, 255, 255]]]), cv2.COLOR_HSV2RGB)[0, 0].tolist()
-        cv2.line(canvas, p0, p1, colour, 1, cv2.LINE_AA)
-        cv2.circle(canvas, p0, 3, colour, -1, cv2.LINE_AA)
-        cv2.circle(canvas, p1, 3, colour, -1, cv2.LINE_AA)
-    return canvas
+    lines = viz.prediction_lines(pred["mask0"], pred["flow01"], n_corr, threshold, rng)
+    return viz.prediction_panel(im0, im1, pred["mask0"], pred["mask1"], lines, gap=0)
 
 
 def write_outputs(pred: dict, canvas: np.ndarray, png: str, npz: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    write_png(png, canvas)
+    viz.write_png(png, canvas)
     with atomic_open(npz, "wb") as f:
         np.savez(f, mask0=pred["mask0"], mask1=pred["mask1"], flow01=pred["flow01"], flow10=pred["flow10"],
                  size=np.array(pred["images"][0].shape[:2]))
@@ -95,30 +51,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="pred.png", help="visualisation PNG (default pred.png)")
     p.add_argument("--npz", help="raw arrays (default: --out with .npz)")
     p.add_argument("--size", type=int, help="input size, multiple of 16 (default: the checkpoint's, else 480)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--n-corr", type=int, default=30, help="correspondences drawn (default 30)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold for drawn correspondences")
+    add_version(p)
     return p
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from segswap.train.checkpoint import CheckpointError, load_model
+    from segswap.apps.predictor import load_model
 
     try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        print(f"segswap-predict: --device: {e}", file=sys.stderr)
-        return 2
-    try:
         img0, img1 = load_rgb(args.img0), load_rgb(args.img1)
-        model = load_model(args.ckpt, device=device)
-        size = model_size(model, args.size)
-    except (ValueError, CheckpointError) as e:
+        predictor = load_model(args.ckpt, device=args.device, size=args.size)  # CheckpointError is a ValueError
+    except ValueError as e:
         print(f"segswap-predict: {e}", file=sys.stderr)
         return 2
-    pred = predict_pair(model, img0, img1, size, device)
+    pred = predictor.predict(img0, img1, resolution="grid")
+    pred["images"] = [predictor.resized(img0), predictor.resized(img1)]
     npz = args.npz or os.path.splitext(args.out)[0] + ".npz"
     write_outputs(pred, render(pred, args.n_corr, args.threshold), args.out, npz)
     log.info("mask cover: image 0 %.1f%%, image 1 %.1f%%; wrote %s and %s",

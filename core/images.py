@@ -163,8 +163,8 @@ def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Write uint8 RGB [H, W, 3] (or grey [H, W]) as a PNG, atomically, creating the folder."""
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> str:
+    """Write uint8 RGB [H, W, 3] (or grey [H, W]) as a PNG, atomically, creating the folder; returns the path."""
     import cv2
 
     from segswap.core.atomic import atomic_write
@@ -175,3 +175,4 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
         raise OSError(f"{path}: PNG encoding failed")
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     atomic_write(path, buf.tobytes())
+    return os.fspath(path)

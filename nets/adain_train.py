@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from segswap.core.atomic import atomic_save, atomic_write_json
+from segswap.core.cli import DEVICE_HELP, EXIT_USAGE, LOADER_WORKERS_HELP, add_version
 from segswap.core.images import write_png
 from segswap.core.listing import IMAGE_EXTENSIONS
 from segswap.core.listing import list_images as list_image_files
 from segswap.nets.adain import AdaIN, adain, build_decoder, calc_mean_std, load_decoder
-from segswap.nets.device import resolve_device
+from segswap.nets.device import available_cpus, resolve_device
 from segswap.nets.vgg import WeightsFileError, load_vgg_encoder
 
 log = logging.getLogger("segswap.adain_train")
@@ -74,8 +75,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--content-weight", type=float, default=1.0, help="content loss weight (default 1)")
     p.add_argument("--style-weight", type=float, default=10.0, help="style loss weight (default 10)")
     p.add_argument("--seed", type=int, default=0, help="root seed of every random choice (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2; 0 = in-process)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--workers", type=int, default=min(4, available_cpus()), help=LOADER_WORKERS_HELP)
+    add_version(p)
     p.add_argument("--save-every", type=int, default=10_000, help="checkpoint every N steps (default 10000)")
     p.add_argument("--sample-every", type=int, default=1_000, help="sample PNG every N steps (default 1000)")
     p.add_argument("--log-every", type=int, default=100, help="log line every N steps (default 100)")
@@ -340,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    train(args)
+    try:
+        train(args)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)  # a user error, phrased as one line naming the file or option
+        return EXIT_USAGE
     return 0
 
 

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 
+from segswap.core.cli import WORKERS_HELP, add_version, hide_rarely_used
 from segswap.core.config import ConfigError, load_config, set_path
 from segswap.nets.device import available_cpus
 from segswap.pipeline.style import STYLE_CHOICES
@@ -109,7 +110,7 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--shard-range", metavar="A:B", help="generate shards A..B-1 only (SLURM arrays, several machines)")
     run.add_argument("--task-index", type=int, metavar="I", help="with --num-tasks: generate this task's slice")
     run.add_argument("--num-tasks", type=int, metavar="N", help="split the shards into N contiguous slices")
-    run.add_argument("--workers", type=int, metavar="N", help="Ray worker processes (default: all CPUs; 0: in-process)")
+    run.add_argument("--workers", type=int, metavar="N", help=WORKERS_HELP + "; Ray processes")
     run.add_argument("--no-ray", action="store_true", help="run in this process (same as --workers 0)")
     run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
     run.add_argument("--overwrite", action="store_true", help="delete the selected shards and start over (default: resume)")
@@ -126,6 +127,8 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_version(p)
+    hide_rarely_used(p, "unsupervised segment extraction")
     return p
 
 

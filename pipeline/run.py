@@ -257,7 +257,10 @@ def generate(cfg: dict) -> dict:
         return summary
 
     def finished_count() -> int:
-        return len(done) + sum(1 for s in todo if SHARD_PATTERN % s in results)
+        # A worker renames a shard to its final name only once it is whole, so a final-named file counts
+        # even when the interruption came before its result reached this driver (a rerun verifies it).
+        return len(done) + sum(1 for s in todo if SHARD_PATTERN % s in results
+                               or os.path.isfile(os.path.join(out, SHARD_PATTERN % s)))
 
     try:
         with interruptible(), ray_session(cfg["workers"], cfg["ray_address"]) as ray:

@@ -17,6 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from segswap.core.cli import WORKERS_HELP, add_version, hide_rarely_used
 from segswap.core.logs import setup_logging
 from segswap.core.ray_driver import Interrupted, interruptible
 from segswap.segments.params import ExtractionParams
@@ -50,8 +51,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="?", type=Path, help="folder of images (omit for the embedded corpus)")
     parser.add_argument("--out", type=Path, required=True, help="output COCO json")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="Ray tasks in flight; 0 runs in this process [default: %(default)s]")
+    parser.add_argument("--workers", type=int, default=None, help=WORKERS_HELP + "; Ray tasks in flight")
     parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--seed", type=int, default=0, help="root seed [default: %(default)s]")
     parser.add_argument("--chunk-size", type=int, default=8,
@@ -61,6 +61,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "[default: <out dir>/embedded-images]")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     add_extraction_arguments(parser)
+    add_version(parser)
+    hide_rarely_used(parser, "unsupervised segment extraction")
     return parser
 
 

@@ -14,43 +14,16 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from segswap.core.images import write_png
+from segswap.core import viz
 from segswap.segments.coco import SegmentIndex
-
-
-def _palette(k: int) -> tuple[int, int, int]:
-    hue = (k * 47) % 180  # spread hues so neighbouring ranks differ
-    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
-    return int(bgr[0]), int(bgr[1]), int(bgr[2])
 
 
 def _tile(rgb: np.ndarray, segs: list, masks: list[np.ndarray], title: str, tile_height: int, alpha: float,
           scores: bool) -> np.ndarray:
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    overlay = bgr.copy()
-    outlines = []
-    for k, (seg, mask) in enumerate(zip(segs, masks)):
-        if mask.shape != bgr.shape[:2]:
-            mask = cv2.resize(mask.astype(np.uint8), bgr.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
-        overlay[mask] = _palette(k)
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outlines.append((contours, _palette(k), seg))
-    out = cv2.addWeighted(overlay, alpha, bgr, 1.0 - alpha, 0.0)
-    scale = tile_height / out.shape[0]
-    out = cv2.resize(out, (max(1, round(out.shape[1] * scale)), tile_height), interpolation=cv2.INTER_AREA)
-    for k, (contours, colour, seg) in enumerate(outlines):
-        scaled = [np.round(c * scale).astype(np.int32) for c in contours]
-        cv2.drawContours(out, scaled, -1, colour, 2)
-        x, y = seg.bbox[0] * scale, seg.bbox[1] * scale
-        label = f"{k + 1}:{seg.score:.2f}" if scores else f"{k + 1}"
-        cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3)
-        cv2.putText(out, label, (int(x) + 2, int(y) + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
-    bar = np.full((22, out.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, title[:max(8, out.shape[1] // 8)], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    return np.concatenate([bar, out], axis=0)
+    labels = [(f"{k + 1}:{seg.score:.2f}" if scores else f"{k + 1}", seg.bbox[:2]) for k, seg in enumerate(segs)]
+    return viz.segment_tile(rgb, masks, labels, title, tile_height, alpha)
 
 
 def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 12, *, columns: int = 4,
@@ -94,11 +67,7 @@ def draw_segments(json_path, images_dir=None, out_png="segments.png", n: int = 1
     for start in range(0, len(tiles), columns):
         row = [part for t in tiles[start:start + columns] for part in (t, gap)]
         rows.append(np.concatenate(row, axis=1))
-    full_width = max(r.shape[1] for r in rows)
-    sheet = np.concatenate([np.pad(r, ((0, 4), (0, full_width - r.shape[1]), (0, 0)), constant_values=255)
-                            for r in rows], axis=0)
-    out_png = Path(out_png)
-    write_png(out_png, sheet[..., ::-1])  # the sheet is BGR (cv2 drawing)
+    out_png = Path(viz.write_png(out_png, viz.vstack(rows)))
     return out_png
 
 

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from segswap.core.cli import add_version
 from segswap.shards.format import MIN_MASK_CELLS
 from segswap.shards.index import rebuild
 from segswap.shards.verify import dataset_min_cells, verify_dir
@@ -21,6 +22,7 @@ from segswap.shards.verify import dataset_min_cells, verify_dir
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segswap-shards", description=__doc__.split("\n")[0])
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="check every shard against index.json and the format")
     v.add_argument("dir", help="dataset directory (holds train-*.tar and index.json)")

@@ -1,5 +1,6 @@
 """segswap-adain-train: a tiny CPU run writes a usable checkpoint, resumes exactly, and refuses bad input."""
 import json
+import re
 
 import cv2
 import numpy as np
@@ -44,7 +45,7 @@ def args(data, out, *extra):
             "--seed", "3", *extra]
 
 
-def test_train_writes_checkpoint_samples_and_resumes_exactly(data, tmp_path):
+def test_train_writes_checkpoint_samples_and_resumes_exactly(data, tmp_path, capsys):
     assert main(args(data, tmp_path / "straight", "--iters", "2")) == 0
     straight = load_decoder(tmp_path / "straight" / "decoder.pth")
 
@@ -56,8 +57,8 @@ def test_train_writes_checkpoint_samples_and_resumes_exactly(data, tmp_path):
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["step"] == 2
-    with pytest.raises(SystemExit, match="different options"):
-        main(args(data, tmp_path / "resumed", "--iters", "3", "--style-weight", "5"))
+    assert main(args(data, tmp_path / "resumed", "--iters", "3", "--style-weight", "5")) == 2  # a user error: one line on stderr, exit 2
+    assert re.search(r"different options", capsys.readouterr().err)
 
     out = tmp_path / "straight"
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000001.png", "step_0000002.png"]
@@ -97,10 +98,10 @@ def test_training_lowers_the_style_loss(data):
     assert total.item() < first
 
 
-def test_bad_inputs_are_named(data, tmp_path):
-    with pytest.raises(SystemExit, match="nope: content folder not found"):
-        main(args(data, tmp_path, "--content-dir", str(data / "nope")))
-    with pytest.raises(SystemExit, match="--crop 24 is larger than --load-size 20"):
-        main(args(data, tmp_path, "--load-size", "20"))
-    with pytest.raises(SystemExit, match="missing.pth: VGG encoder .* not found"):
-        main(args(data, tmp_path, "--vgg", str(tmp_path / "missing.pth")))
+def test_bad_inputs_are_named(data, tmp_path, capsys):
+    assert main(args(data, tmp_path, "--content-dir", str(data / "nope"))) == 2  # a user error: one line on stderr, exit 2
+    assert re.search(r"nope: content folder not found", capsys.readouterr().err)
+    assert main(args(data, tmp_path, "--load-size", "20")) == 2  # a user error: one line on stderr, exit 2
+    assert re.search(r"--crop 24 is larger than --load-size 20", capsys.readouterr().err)
+    assert main(args(data, tmp_path, "--vgg", str(tmp_path / "missing.pth"))) == 2  # a user error: one line on stderr, exit 2
+    assert re.search(r"missing.pth: VGG encoder .* not found", capsys.readouterr().err)

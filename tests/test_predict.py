@@ -1,23 +1,14 @@
 """segswap-predict: PNG + raw arrays from a checkpoint; clear errors for bad inputs."""
 import cv2
 import numpy as np
-import torch
 from synthetic_shards import make_pair
+from tiny_checkpoint import write_tiny_checkpoint
 
 from segswap.apps import predict
-from segswap.train.checkpoint import save_checkpoint
-from segswap.train.config import resolve
-from segswap.train.model import build_model
 
 
 def _checkpoint(tmp_path):
-    cfg = resolve(None, {"data.shards": "x.tar", "train.out": str(tmp_path), "model.transformer.model": "tiny",
-                         "data.image_size": 64})
-    torch.manual_seed(0)
-    model = build_model(cfg["model"])
-    path = tmp_path / "ck.pth"
-    save_checkpoint(path, {"step": 0, "config": cfg, "model": model.state_dict()})
-    return path
+    return write_tiny_checkpoint(tmp_path / "ck.pth")
 
 
 def test_predict_writes_png_and_arrays(tmp_path):

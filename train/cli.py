@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from segswap.core.cli import DEVICE_HELP, LOADER_WORKERS_HELP, add_version, hide_rarely_used
 from segswap.train.config import ConfigError, resolve
 
 # flag dest -> dotted config key. One table, so wrappers (SLURM/Ray launchers) reuse the same names.
@@ -54,7 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--phase", choices=["main", "hardneg"], help="main training or hard-negative fine-tuning")
     g.add_argument("--max-steps", type=int, help="total optimiser steps of this run (default 200000)")
     g.add_argument("--seed", type=int, help="root seed of every random choice (default 0)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--lr", type=float, help="learning rate (main 2e-4, hardneg 1e-5)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (main 1000, hardneg 0)")
     g.add_argument("--lr-steps", type=int, nargs="*", help="steps at which lr is multiplied by --lr-gamma")
@@ -67,7 +68,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--batch-pos", type=int, help="positive pairs per step (default 5)")
     g.add_argument("--batch-neg", type=int, help="in-batch negatives per step (default 15)")
     g.add_argument("--image-size", type=int, help="training image size, multiple of 16 (default 480)")
-    g.add_argument("--workers", type=int, help="DataLoader workers per process (default 4)")
+    g.add_argument("--workers", type=int, help=LOADER_WORKERS_HELP)
     g.add_argument("--shuffle-buffer", type=int, help="samples in the shuffle buffer per worker (default 500)")
     g.add_argument("--strict-data", action="store_const", const=True,
                    help="stop at the first corrupt sample instead of skipping and counting it")
@@ -89,6 +90,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--ckpt-every", type=int, help="steps between periodic checkpoints (default 5000)")
     g.add_argument("--val-every", type=int, help="steps between validations (default 5000)")
     g.add_argument("--val-pairs", type=int, help="held-out pairs per validation (default 200)")
+    add_version(p)
+    hide_rarely_used(p, "loss", "hard negatives (--phase hardneg)")
     return p
 
 

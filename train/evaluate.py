@@ -15,14 +15,25 @@ correspondence fields, and we report:
 ``neg_mask``
     the mean predicted mask on negative pairs (image 0 of pair i with image 1 of pair i+1), which
     should be near 0.
+
+:func:`write_validation_sheet` draws the first few held-out pairs (always the same ones) with their
+ground truth beside the model's prediction into ``RUN/val/step-NNNNNN.png`` and, when the trainer has
+a TensorBoard writer, as the image ``val/sheet`` at that step.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 
+import numpy as np
 import torch
 
+from segswap.core import viz
 from segswap.train.data import ShardStream, make_loader, no_augment
+
+SHEET_PAIRS = 4   # rows of a validation sheet
+SHEET_LINES = 10  # correspondences drawn per pair
+SHEET_TILE = 160  # px per image panel
 
 
 def batch_metrics(out: dict, batch: dict, image_size: int) -> dict:
@@ -85,3 +96,44 @@ def validate(model, urls, image_size: int, max_pairs: int, device, batch_size: i
         "neg_mask": neg_sum / max(neg_n, 1),
         "skipped": skipped,
     }
+
+
+@torch.no_grad()
+def validation_sheet(model, urls, image_size: int, device, n_pairs: int = SHEET_PAIRS, tile: int = SHEET_TILE,
+                     n_lines: int = SHEET_LINES, amp_dtype=None) -> np.ndarray:
+    """RGB picture of the model on the first ``n_pairs`` held-out pairs (plain images, no augmentation).
+
+    One row per pair: left, both images with the ground-truth masks (green / magenta) and the true
+    correspondences of ``n_lines`` cells; right, the same images tinted red by the predicted masks
+    and the predicted correspondences of the same cells (same colours). The cells are drawn from a
+    fixed seed, so sheets of successive steps are directly comparable.
+    """
+    stream = ShardStream(urls, no_augment(image_size), resampled=False, max_items=n_pairs)
+    batch = next(iter(make_loader(stream, batch_size=n_pairs, workers=0, drop_last=False)), None)
+    if batch is None:
+        raise ValueError(f"no held-out pair could be read from {urls}")
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None):
+        out = model(batch["img0"].to(device), batch["img1"].to(device))
+    model.train(was_training)
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in range(batch["img0"].shape[0]):
+        gt = {k: batch[k][b].numpy() for k in ("mask0", "mask1", "flow01")}
+        gt["weight01"] = batch["flow01_weight"][b].numpy()
+        pred = {k: out[k][b].float().cpu().numpy() for k in ("mask0", "mask1", "flow01")}
+        rows.append(viz.pair_sheet_row(batch["img0"][b].numpy(), batch["img1"][b].numpy(), gt, pred, tile,
+                                       n_lines, rng, title=str(batch["key"][b])))
+    return viz.vstack(rows)
+
+
+def write_validation_sheet(model, urls, image_size: int, device, run_dir: str, step: int, tb=None,
+                           amp_dtype=None) -> str:
+    """Write ``run_dir/val/step-NNNNNN.png`` (and the TensorBoard image ``val/sheet``); returns the path."""
+    sheet = validation_sheet(model, urls, image_size, device, amp_dtype=amp_dtype)
+    path = viz.write_png(os.path.join(run_dir, "val", f"step-{step:06d}.png"), sheet)
+    if tb is not None:
+        tb.add_image("val/sheet", sheet, step, dataformats="HWC")
+    return path

@@ -40,7 +40,7 @@ from segswap.nets.device import resolve_device
 from segswap.train import config as config_mod
 from segswap.train.checkpoint import init_weights, read_checkpoint, save_checkpoint
 from segswap.train.data import PairAugmenter, ShardStream, make_loader
-from segswap.train.evaluate import validate
+from segswap.train.evaluate import validate, write_validation_sheet
 from segswap.train.hardneg import HardNegativeMiner
 from segswap.train.loss import build_loss
 from segswap.train.model import build_model
@@ -370,6 +370,8 @@ class Trainer:
                      "negative mask %.3f", step, m["pairs"], m["iou"], m["corr_err_px"], m["fg_mask"], m["bg_mask"],
                      m["neg_mask"])
             self._log_json("val.jsonl", {"step": step, **m})
+            write_validation_sheet(self.model, self.cfg["data"]["val_shards"], int(self.cfg["data"]["image_size"]),
+                                   self.device, self.out, step, self.tb, self.amp_dtype)  # RUN/val/step-NNNNNN.png
         self._barrier()
 
     def _barrier(self):
