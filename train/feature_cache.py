@@ -123,9 +123,13 @@ def build_cache(folder: str, urls, model, image_size: int, backbone: str, backbo
     images = [resize_square(getattr(p, v), image_size) for p in pairs for v in VIEWS if getattr(p, v) is not None]
     log.info("feature cache %s: computing %s features of %d images (%d pairs) at %d px", folder, backbone,
              len(images), len(pairs), image_size)
+    next_report = n // 10
     for i in range(0, n, batch_size):
         batch = torch.from_numpy(np.stack(images[i:i + batch_size])).to(device)
         store[i:i + len(batch)] = model.features(batch).float().cpu().numpy().astype(np.float16)
+        if i + len(batch) >= next_report and i + len(batch) < n:  # a line per tenth: this can take minutes
+            log.info("feature cache: %d / %d images", i + len(batch), n)
+            next_report += max(1, n // 10)
     store.flush()
     del store
     os.replace(tmp, os.path.join(folder, FEATURES))
