@@ -62,7 +62,7 @@ def real_pairs(size: int):
 
 
 def generator_pairs(urls: str, size: int, limit: int):
-    from segswap.train.data import grid_mask, sample_flow_at_centres
+    from segswap.train.groundtruth import grid_mask, sample_flow_at_centres
     g = size // 16
     res = []
     for pair in iter_pairs(urls):

@@ -8,8 +8,8 @@ from synthetic_shards import write_synthetic_shards
 
 from segswap.shards.reader import iter_pairs, iter_raw_samples
 from segswap.train import cli
+from segswap.train.augment import PairAugmenter, decode_choice
 from segswap.train.config import DEFAULTS
-from segswap.train.data import PairAugmenter, decode_choice
 from segswap.train.feature_cache import (
     CachedFeatureAugmenter,
     FeatureCacheError,

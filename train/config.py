@@ -13,10 +13,11 @@ import yaml
 
 from segswap.nets.backbones import BACKBONES
 from segswap.nets.device import available_cpus
-from segswap.train.data import AUGMENT_DEFAULTS, STREAM_DEFAULTS
+from segswap.train.augment import AUGMENT_DEFAULTS
 from segswap.train.hardneg import HARDNEG_DEFAULTS
 from segswap.train.loss import LOSS_DEFAULTS
 from segswap.train.model import TRANSFORMER_DEFAULTS
+from segswap.train.stream import STREAM_DEFAULTS
 
 # Paper / official values unless noted. ``None`` means "decided by the phase" (see resolve_phase).
 DEFAULTS = {

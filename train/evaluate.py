@@ -22,7 +22,8 @@ from collections import Counter
 
 import torch
 
-from segswap.train.data import ShardStream, make_loader, no_augment
+from segswap.train.augment import no_augment
+from segswap.train.stream import ShardStream, make_loader
 
 
 def batch_metrics(out: dict, batch: dict, image_size: int) -> dict:

@@ -16,7 +16,7 @@ Layout of ``DIR`` (written under temporary names, then renamed, so a crash leave
 A cache is reused only when its backbone, weights, image size and shard list (path and size) all
 match the run's; otherwise the trainer stops and names what differs.
 
-Augmentations are the pixel path's (``train/data.py``) with the same random draws in the same order,
+Augmentations are the pixel path's (``train/augment.py``) with the same random draws in the same order,
 applied on the feature grid:
 
 - style: the cached plain or stylised row, with ``p_style``;
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from segswap.shards.format import Pair
 from segswap.shards.reader import iter_pairs, shard_urls
-from segswap.train.data import PairAugmenter, cell_centres
+from segswap.train.augment import PairAugmenter
+from segswap.train.groundtruth import cell_centres
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,13 @@ from torch import nn
 
 from segswap.nets.device import resolve_device
 from segswap.train import config as config_mod
+from segswap.train.augment import PairAugmenter
 from segswap.train.checkpoint import init_weights, read_checkpoint, save_checkpoint
-from segswap.train.data import PairAugmenter, ShardStream, make_loader
 from segswap.train.evaluate import validate
 from segswap.train.hardneg import HardNegativeMiner
 from segswap.train.loss import build_loss
 from segswap.train.model import build_model
+from segswap.train.stream import ShardStream, make_loader
 
 log = logging.getLogger("segswap.train")
 LAST = "last.pth"
