@@ -61,7 +61,7 @@ def real_pairs(size: int):
     return res
 
 
-def generator_pairs(urls: str, size: int, limit: int):
+def generator_pairs(urls: str, size: int, limit: int, stylised: bool = False):
     from segswap.train.groundtruth import grid_mask, sample_flow_at_centres
     g = size // 16
     res = []
@@ -69,8 +69,9 @@ def generator_pairs(urls: str, size: int, limit: int):
         m = grid_mask(cv2.resize(pair.mask0, (size, size), interpolation=cv2.INTER_AREA), g, g).reshape(-1)
         pb = sample_flow_at_centres(pair.flow01, g, g).reshape(-1, 2).astype(np.float64)
         pb[m < 0.5] = np.nan
-        res.append((pair.key, cv2.resize(pair.img0, (size, size), interpolation=cv2.INTER_AREA),
-                    cv2.resize(pair.img1, (size, size), interpolation=cv2.INTER_AREA), pb))
+        a, b = (pair.sty0, pair.sty1) if stylised and pair.sty0 is not None else (pair.img0, pair.img1)
+        res.append((pair.key, cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA),
+                    cv2.resize(b, (size, size), interpolation=cv2.INTER_AREA), pb))
         if len(res) >= limit:
             break
     return res
@@ -127,6 +128,7 @@ def main(argv=None):
     sets = {"real": real_pairs(args.size)}
     if args.shards:
         sets["generator"] = generator_pairs(args.shards, args.size, args.pairs)
+        sets["gen-styled"] = generator_pairs(args.shards, args.size, args.pairs, stylised=True)
     vgg = VGGLayers()
     resnet = build_backbone("resnet50")  # random: the no-weights default
     from segswap.nets.dense_features import build_feature_extractor
