@@ -57,12 +57,10 @@ class FeatureCache:
     @torch.no_grad()
     def compute(self, images: list[np.ndarray]) -> torch.Tensor:
         """Features of uint8 RGB images (all the same size) -> float32 [N, C, h, w] on the device."""
-        from segswap.nets.resnet import normalise_image
-
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack(images[start:start + self.batch_size])
-            out.append(self.model.features(normalise_image(batch, device=self.device)).float())
+            batch = torch.from_numpy(np.stack(images[start:start + self.batch_size]))
+            out.append(self.model.features(batch.to(self.device)).float())  # normalised the backbone's way
         self.stats["computed"] += len(images)
         return torch.cat(out)
 

@@ -30,8 +30,8 @@ from webdataset.gopen import gopen  # noqa: E402
 from webdataset.tariterators import group_by_keys, tar_file_expander  # noqa: E402
 
 from segswap.shards.format import decode_sample  # noqa: E402
-from segswap.train.data import (  # noqa: E402
-    PairAugmenter,
+from segswap.train.augment import PairAugmenter  # noqa: E402
+from segswap.train.stream import (  # noqa: E402
     ShardStream,
     expand_shards,
     make_loader,

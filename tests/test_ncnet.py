@@ -226,7 +226,7 @@ def test_training_a_tiny_ncnet_reduces_the_loss(shards):
     """Frozen (random) conv4 features once, then the head alone, with the trainer's loss and negatives."""
     from segswap.nets.resnet import build_backbone, l2n, normalise_image
     from segswap.shards.reader import iter_pairs
-    from segswap.train.data import no_augment
+    from segswap.train.augment import no_augment
     from segswap.train.loss import SegSwapLoss
     from segswap.train.trainer import negative_indices
 

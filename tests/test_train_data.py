@@ -6,7 +6,9 @@ import pytest
 from synthetic_shards import make_pair, write_synthetic_shards
 
 from segswap.shards.format import FormatError
-from segswap.train.data import PairAugmenter, ShardStream, cell_centres, no_augment, sample_flow
+from segswap.train.augment import PairAugmenter, no_augment
+from segswap.train.groundtruth import cell_centres, sample_flow
+from segswap.train.stream import ShardStream
 
 
 def test_grid_ground_truth_is_exact_without_augmentation():
@@ -105,7 +107,8 @@ def test_pipe_urls_stream(tmp_path):
 
 
 def test_missing_local_shards_fail_fast_with_their_names(tmp_path, caplog):
-    from segswap.train.data import PairAugmenter, ShardStream
+    from segswap.train.augment import PairAugmenter
+    from segswap.train.stream import ShardStream
 
     real = write_synthetic_shards(tmp_path / "real", n_shards=2, pairs_per_shard=2, size=64)
     with pytest.raises(FileNotFoundError, match=r"2 of 2 shards do not exist, e\.g\. .*nope/train-000000\.tar"):
@@ -125,7 +128,7 @@ def test_dense_tps_map_follows_the_spline_at_every_pixel(seed):
     stay far below a 16 px feature cell everywhere, border rows and columns included."""
     import cv2
 
-    from segswap.train.data import random_warp, warp_dense
+    from segswap.train.augment import random_warp, warp_dense
 
     tps = random_warp(np.random.default_rng(seed), (4, 6), 1.0)
     for h, w in ((480, 480), (128, 96)):

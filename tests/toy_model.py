@@ -20,6 +20,9 @@ class ToyMatcher(torch.nn.Module):
     @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:
         self.calls["features"] += img.shape[0]
+        if img.dtype == torch.uint8:  # CoSegModel.features' interface: uint8 [B,H,W,3] RGB
+            from segswap.nets.resnet import normalise_image
+            img = normalise_image(img, device=img.device)
         x = F.avg_pool2d(img.float(), 4)                    # [B,3,H/4,W/4]
         x = F.pixel_unshuffle(x, 4)                         # [B,48,H/16,W/16]
         x = x - x.mean(1, keepdim=True)

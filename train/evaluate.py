@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from segswap.core import viz
-from segswap.train.data import ShardStream, make_loader, no_augment
+from segswap.train.augment import no_augment
+from segswap.train.stream import ShardStream, make_loader
 
 SHEET_PAIRS = 4   # rows of a validation sheet
 SHEET_LINES = 10  # correspondences drawn per pair

@@ -1,7 +1,7 @@
 """Backbone + co-segmentation head, the model the trainer optimises and the apps run.
 
-``CoSegModel(backbone, head)``: ``features(img)`` runs the frozen ResNet-50 conv4 trunk on ImageNet
-normalised images and L2-normalises each location; ``forward(img0, img1)`` runs the head on both. The
+``CoSegModel(backbone, head)``: ``features(img)`` runs the frozen backbone (``nets/backbones.py``:
+ResNet-50 conv4 or VGG16 pool4) on images normalised its way and L2-normalises each location; ``forward(img0, img1)`` runs the head on both. The
 head is one of the architectures of docs/CONTRACTS.md, built by :func:`build_head` from the config:
 
 - ``arch: transformer`` -> :class:`segswap.train.transformer.CrossImageTransformer` (``transformer:`` section)
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segswap.nets.resnet import CONV4_CHANNELS, build_backbone, l2n, normalise_image
+from segswap.nets.backbones import build_backbone
+from segswap.nets.resnet import CONV4_CHANNELS, l2n
 
 ARCHS = ("transformer", "ncnet")
 TRANSFORMER_DEFAULTS = {"model": "small", "layer_types": None, "dropout": 0.1, "drop_feat": 0.1,
@@ -33,9 +34,10 @@ class CoSegModel(nn.Module):
 
     @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:
-        """img: uint8 [B,H,W,3] (or [H,W,3]) RGB, or float [B,3,H,W] already normalised -> [B,1024,H/16,W/16]."""
+        """img: uint8 [B,H,W,3] (or [H,W,3]) RGB, or float [B,3,H,W] already normalised by
+        ``backbone.normalise`` -> [B, backbone.channels, H/16, W/16], unit L2 norm per location."""
         if img.dtype == torch.uint8:
-            img = normalise_image(img, device=next(self.backbone.parameters()).device)
+            img = self.backbone.normalise(img, device=next(self.backbone.parameters()).device)
         return l2n(self.backbone(img).float())
 
     def forward(self, img0: torch.Tensor, img1: torch.Tensor, pad1: torch.Tensor | None = None) -> dict:
@@ -54,8 +56,9 @@ def build_head(arch: str, transformer_cfg: dict | None = None, ncnet_cfg: dict |
 
 
 def build_model(cfg: dict, backbone_weights: str | None = None) -> CoSegModel:
-    """``cfg`` is the ``model`` section of the training config (arch, transformer, ncnet, backbone_weights)."""
+    """``cfg`` is the ``model`` section of the training config (arch, backbone, backbone_weights, transformer,
+    ncnet)."""
     weights = backbone_weights if backbone_weights is not None else cfg.get("backbone_weights")
-    backbone = build_backbone(weights)
-    head = build_head(cfg["arch"], cfg.get("transformer"), cfg.get("ncnet"))
+    backbone = build_backbone(cfg.get("backbone", "resnet50"), weights)
+    head = build_head(cfg["arch"], cfg.get("transformer"), cfg.get("ncnet"), feat_dim=backbone.channels)
     return CoSegModel(backbone, head)

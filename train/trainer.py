@@ -38,12 +38,13 @@ from segswap.core.provenance import git_revision as _git_rev
 from segswap.core.provenance import package_versions as _versions
 from segswap.nets.device import resolve_device
 from segswap.train import config as config_mod
+from segswap.train.augment import PairAugmenter
 from segswap.train.checkpoint import init_weights, read_checkpoint, save_checkpoint
-from segswap.train.data import PairAugmenter, ShardStream, make_loader
 from segswap.train.evaluate import validate, write_validation_sheet
 from segswap.train.hardneg import HardNegativeMiner
 from segswap.train.loss import build_loss
 from segswap.train.model import build_model
+from segswap.train.stream import ShardStream, make_loader
 
 log = logging.getLogger("segswap.train")
 LAST = "last.pth"
@@ -181,7 +182,7 @@ class Trainer:
             return 0
         ck = read_checkpoint(path, device=self.device)
         saved = ck.get("config", {}).get("model", {})
-        for k in ("arch", "transformer", "ncnet"):
+        for k in ("arch", "backbone", "transformer", "ncnet"):
             if saved.get(k) != self.cfg["model"].get(k):
                 raise config_mod.ConfigError(
                     f"{path}: cannot resume: model.{k} was {saved.get(k)!r}, now {self.cfg['model'].get(k)!r} "
@@ -196,9 +197,28 @@ class Trainer:
         log.info("resumed from %s at step %d", path, ck["step"])
         return int(ck["step"])
 
+    def _feature_cache(self) -> dict | None:
+        """Build (main rank) or open the --cache-features folder; None when training on images."""
+        d, m = self.cfg["data"], self.cfg["model"]
+        if not d["feature_cache"]:
+            return None
+        from segswap.train.feature_cache import build_cache, cache_identity, check_cache
+        if self.is_main:
+            meta = build_cache(d["feature_cache"], d["shards"], self.model, int(d["image_size"]), m["backbone"],
+                               m["backbone_weights"], device=self.device)
+        self._barrier()
+        if not self.is_main:
+            meta = check_cache(d["feature_cache"], cache_identity(d["shards"], m["backbone"], m["backbone_weights"],
+                                                                  int(d["image_size"])))
+        return meta
+
     def _stream(self, start_step: int) -> ShardStream:
         d = self.cfg["data"]
-        aug = PairAugmenter(image_size=d["image_size"], **d["augment"])
+        if self.cache_meta is not None:
+            from segswap.train.feature_cache import CachedFeatureAugmenter
+            aug = CachedFeatureAugmenter(d["feature_cache"], self.cache_meta, **d["augment"])
+        else:
+            aug = PairAugmenter(image_size=d["image_size"], **d["augment"])
         return ShardStream(d["shards"], aug, seed=int(self.data_ss.generate_state(1)[0]), resampled=True,
                            shuffle_buffer=d["shuffle_buffer"], strict=d["strict"], rank=self.rank,
                            world_size=self.world, stream_id=start_step)
@@ -234,9 +254,11 @@ class Trainer:
         self._setup_logging()
         self._build()
         start = self._resume()
+        self.cache_meta = self._feature_cache()
         self._write_run_files(start, resumed=start > 0)
         cfg, t = self.cfg, self.cfg["train"]
-        if cfg["model"]["backbone_weights"] is None and not cfg["model"]["init"] and start == 0:
+        if (cfg["model"]["backbone"] == "resnet50" and cfg["model"]["backbone_weights"] is None
+                and not cfg["model"]["init"] and start == 0):
             log.warning("training on a RANDOMLY INITIALISED backbone (no --backbone-weights, no --init)")
         max_steps = int(t["max_steps"])
         if start >= max_steps:
@@ -291,9 +313,12 @@ class Trainer:
             data_time += time.perf_counter() - t0
             skipped_total += int(batch["skipped"].sum())
             b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            with torch.autocast(device_type=dev_type, dtype=self.amp_dtype or torch.bfloat16,
-                                enabled=self.amp_dtype is not None):
-                f0, f1 = self.model.features(b["img0"]), self.model.features(b["img1"])
+            if "feat0" in b:  # --cache-features: the backbone ran once, before training
+                f0, f1 = b["feat0"].float(), b["feat1"].float()
+            else:
+                with torch.autocast(device_type=dev_type, dtype=self.amp_dtype or torch.bfloat16,
+                                    enabled=self.amp_dtype is not None):
+                    f0, f1 = self.model.features(b["img0"]), self.model.features(b["img1"])
             feat0, feat1 = torch.cat([f0, f0[neg0]]), torch.cat([f1, f1[neg1]])
             pad = torch.cat([b["pad1"], torch.zeros_like(b["pad1"][:1]).expand(N, -1, -1)])
             if miner is not None:
