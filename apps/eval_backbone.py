@@ -1,0 +1,65 @@
+"""The networks an evaluation runs: a trained checkpoint, or only a backbone for the training-free baselines.
+
+With ``--model CKPT`` the checkpoint's own backbone gives the features of every row of the table (the
+training-free baselines use the *same* features as the model they are compared with). Without a
+checkpoint, a frozen backbone is built from ``--backbone NAME`` and ``--backbone-weights FILE``; its
+``head`` is None, so only the baselines run.
+
+``BACKBONE_BUILDERS`` maps each ``--backbone`` name to the function that builds that frozen,
+L2-normalised-by-``CoSegModel.features`` trunk from an optional weights file; a new backbone in
+``segswap.nets`` becomes available to the evaluation commands by adding one entry here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def _resnet50(weights: str | None):
+    from segswap.nets.resnet import build_backbone
+
+    return build_backbone(weights)  # random weights, with a loud warning, when None
+
+
+BACKBONE_BUILDERS = {"resnet50": _resnet50}
+
+
+@dataclass
+class EvalNetworks:
+    """``model``: CoSegModel (``features`` and, with a checkpoint, ``head``); ``name``: label for tables."""
+
+    model: torch.nn.Module
+    name: str
+    has_head: bool
+
+
+def add_backbone_options(parser) -> None:
+    g = parser.add_argument_group("training-free baselines (used when no --model is given)")
+    g.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONE_BUILDERS),
+                   help="backbone for the baselines without a checkpoint (default resnet50)")
+    g.add_argument("--backbone-weights", default=None,
+                   help="weights file for --backbone (default: random weights, a loud warning)")
+
+
+def open_networks(ckpt: str | None, backbone: str = "resnet50", backbone_weights: str | None = None,
+                  device: str = "cpu") -> EvalNetworks:
+    """The model of ``ckpt``, or a head-less model around the named backbone; eval mode, no grad."""
+    from segswap.train.model import CoSegModel
+
+    torch.set_grad_enabled(False)
+    if ckpt:
+        from segswap.train.checkpoint import load_model
+
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"{ckpt}: checkpoint not found")
+        model = load_model(ckpt, device=device)
+        return EvalNetworks(model.eval(), os.path.basename(ckpt), True)
+    if backbone not in BACKBONE_BUILDERS:
+        raise ValueError(f"--backbone {backbone!r}: choose from {sorted(BACKBONE_BUILDERS)}")
+    if backbone_weights and not os.path.isfile(backbone_weights):
+        raise FileNotFoundError(f"{backbone_weights}: backbone weights not found")
+    net = BACKBONE_BUILDERS[backbone](backbone_weights)
+    label = f"{backbone}:{os.path.basename(backbone_weights) if backbone_weights else 'random'}"
+    return EvalNetworks(CoSegModel(net, None).to(device).eval(), label, False)
