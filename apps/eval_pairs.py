@@ -78,9 +78,9 @@ def find_pairs(root: str) -> tuple[list[PairFiles], list[str]]:
         if len(geo) > 1:
             skipped.append(f"{folder}: more than one geometry file ({', '.join(geo)})")
             continue
-        opt = lambda f: os.path.join(folder, f) if os.path.isfile(os.path.join(folder, f)) else None  # noqa: E731
-        pairs.append(PairFiles(name, img0, img1, opt("mask0.png"), opt("mask1.png"),
-                               os.path.join(folder, geo[0]) if geo else None))
+        masks = [os.path.join(folder, f) if os.path.isfile(os.path.join(folder, f)) else None
+                 for f in ("mask0.png", "mask1.png")]
+        pairs.append(PairFiles(name, img0, img1, *masks, os.path.join(folder, geo[0]) if geo else None))
     return pairs, skipped
 
 
