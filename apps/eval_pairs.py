@@ -156,20 +156,29 @@ def cells_inside(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------- methods
 
 
+def mutual_nearest(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Nearest neighbours both ways between cells a [C, q] and each of the batch b [N, C, r] (L2-normalised).
+
+    Returns best01/nn01/mutual0 [N, q] (similarity, index and mutual flag of each a-cell's nearest b-cell)
+    and best10/nn10/mutual1 [N, r] the other way.
+    """
+    sim = torch.einsum("cq,ncr->nqr", a.float(), b.float())   # cosine similarities
+    best01, nn01 = sim.max(2)
+    best10, nn10 = sim.max(1)
+    mutual0 = torch.gather(nn10, 1, nn01) == torch.arange(a.shape[1])[None]
+    mutual1 = torch.gather(nn01, 1, nn10) == torch.arange(b.shape[2])[None]
+    return {"best01": best01, "nn01": nn01, "mutual0": mutual0, "best10": best10, "nn10": nn10, "mutual1": mutual1}
+
+
 def mutual_nn(feat0: torch.Tensor, feat1: torch.Tensor) -> dict:
     """Training-free baseline on L2-normalised features [C,h,w] x2 -> numpy mask0/mask1 [h,w], flow01/flow10."""
     c, h, w = feat0.shape
-    a, b = feat0.reshape(c, -1).float(), feat1.reshape(c, -1).float()
-    sim = a.T @ b                                   # [hw0, hw1] cosine similarities
-    best01, nn01 = sim.max(1)
-    best10, nn10 = sim.max(0)
-    idx0 = torch.arange(a.shape[1])
-    mutual0 = nn10[nn01] == idx0
-    mutual1 = nn01[nn10] == torch.arange(b.shape[1])
+    m = mutual_nearest(feat0.reshape(c, -1), feat1.reshape(1, c, -1))
     centres = torch.as_tensor(cell_centres(h, w).reshape(-1, 2), dtype=torch.float32)
-    return {"mask0": (best01.clamp(0, 1) * mutual0).reshape(h, w).numpy(),
-            "mask1": (best10.clamp(0, 1) * mutual1).reshape(h, w).numpy(),
-            "flow01": centres[nn01].reshape(h, w, 2).numpy(), "flow10": centres[nn10].reshape(h, w, 2).numpy()}
+    return {"mask0": (m["best01"][0].clamp(0, 1) * m["mutual0"][0]).reshape(h, w).numpy(),
+            "mask1": (m["best10"][0].clamp(0, 1) * m["mutual1"][0]).reshape(h, w).numpy(),
+            "flow01": centres[m["nn01"][0]].reshape(h, w, 2).numpy(),
+            "flow10": centres[m["nn10"][0]].reshape(h, w, 2).numpy()}
 
 
 def centre_box(size: int, area: float = CENTRE_BOX_AREA) -> np.ndarray:

@@ -23,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from segswap.apps.eval_pairs import mutual_nearest
 from segswap.apps.features_cache import FeatureCache
 from segswap.apps.images import BadImage, list_images, read_rgb, resize_rgb
 from segswap.apps.metrics import average_precision
@@ -66,17 +67,17 @@ def raw_descriptor(img: np.ndarray, size: int = RAW_SIZE) -> np.ndarray:
 
 
 def mnn_scores(feats: torch.Tensor) -> np.ndarray:
-    """[N, N]: sum over image-i cells that are mutual nearest neighbours with a cell of j of their cosine."""
+    """[N, N]: sum of the cosine similarities of the mutual-nearest-neighbour cell pairs of images i and j.
+
+    Mutual pairs are the same set seen from either image, so the matrix is symmetric: only j > i is computed.
+    """
     n, c = feats.shape[:2]
     f = feats.float().reshape(n, c, -1)
     out = np.zeros((n, n))
-    for i in range(n):
-        sim = torch.einsum("cq,ncr->nqr", f[i], f)               # [N, q cells, r cells]
-        best, nn01 = sim.max(2)                                   # [N, q]
-        nn10 = sim.argmax(1)                                      # [N, r]
-        mutual = torch.gather(nn10, 1, nn01) == torch.arange(f.shape[2])[None]
-        out[i] = (best.clamp(min=0) * mutual).sum(1).numpy()
-    return out
+    for i in range(n - 1):
+        m = mutual_nearest(f[i], f[i + 1:])
+        out[i, i + 1:] = (m["best01"].clamp(min=0) * m["mutual0"]).sum(1).numpy()
+    return out + out.T
 
 
 def eq3_matrices(model, feats: torch.Tensor, batch_size: int = 16, progress=None) -> dict[str, np.ndarray]:

@@ -58,6 +58,16 @@ def test_normalised_scores():
                                eval_retrieval.normalised_scores(m, s)["eq3-csls"][:, :4])
 
 
+def test_mnn_score_is_the_pair_baseline_mask_mass(rng):
+    from segswap.apps.eval_pairs import mutual_nn
+
+    f = torch.nn.functional.normalize(torch.rand(3, 8, 4, 5), dim=1)
+    s = eval_retrieval.mnn_scores(f)
+    np.testing.assert_allclose(s, s.T)
+    for i, j in ((0, 1), (2, 0)):
+        assert s[i, j] == pytest.approx(float(mutual_nn(f[i], f[j])["mask0"].sum()), rel=1e-5)
+
+
 def test_gem_of_constant_features_is_the_normalised_vector():
     f = torch.zeros(1, 4, 3, 3)
     f[0, 1] = 0.6
