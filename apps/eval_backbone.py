@@ -24,6 +24,7 @@ def _resnet50(weights: str | None):
 
 
 BACKBONE_BUILDERS = {"resnet50": _resnet50}
+RANDOM_BACKBONE_SEED = 0
 
 
 @dataclass
@@ -60,6 +61,8 @@ def open_networks(ckpt: str | None, backbone: str = "resnet50", backbone_weights
         raise ValueError(f"--backbone {backbone!r}: choose from {sorted(BACKBONE_BUILDERS)}")
     if backbone_weights and not os.path.isfile(backbone_weights):
         raise FileNotFoundError(f"{backbone_weights}: backbone weights not found")
-    net = BACKBONE_BUILDERS[backbone](backbone_weights)
+    with torch.random.fork_rng():  # random weights (no file) are the same in every run
+        torch.manual_seed(RANDOM_BACKBONE_SEED)
+        net = BACKBONE_BUILDERS[backbone](backbone_weights)
     label = f"{backbone}:{os.path.basename(backbone_weights) if backbone_weights else 'random'}"
     return EvalNetworks(CoSegModel(net, None).to(device).eval(), label, False)
