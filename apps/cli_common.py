@@ -12,11 +12,16 @@ from segswap.core.logs import Progress, setup_logging  # noqa: F401 - the apps' 
 log = logging.getLogger("segswap.apps")
 
 
-def model_parser() -> argparse.ArgumentParser:
-    """Options of every command that runs the model (a parent parser: ``parents=[model_parser()]``)."""
+def model_parser(ckpt_required: bool = True) -> argparse.ArgumentParser:
+    """Options of every command that runs the model (a parent parser: ``parents=[model_parser()]``).
+
+    ``ckpt_required=False``: commands that also evaluate training-free baselines run without a checkpoint.
+    """
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--ckpt", required=True, help="checkpoint from segswap-train, or an official SegSwap .pth")
+    g.add_argument("--ckpt", "--model", dest="ckpt", required=ckpt_required, default=None,
+                   help="checkpoint from segswap-train, or an official SegSwap .pth"
+                        + ("" if ckpt_required else " (optional: without it only the training-free baselines run)"))
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--batch-size", type=int, default=16, help="pairs per head call (default: 16)")
     g.add_argument("--feature-cache", default=None,

@@ -1,7 +1,9 @@
-"""``segswap-eval {brueghel,pitts,tokyo,internet}``: the paper's benchmarks, one command each.
+"""``segswap-eval {brueghel,pitts,tokyo,internet,pairs,retrieval}``: the paper's benchmarks, one command
+each, and two evaluations on small real sets that run with or without a checkpoint.
 
 Every command writes a JSON of results (``--out``) and prints a table. Dataset formats are described in
-the modules: :mod:`segswap.apps.brueghel`, :mod:`segswap.apps.placerec`, :mod:`segswap.apps.internet`.
+the modules: :mod:`segswap.apps.brueghel`, :mod:`segswap.apps.placerec`, :mod:`segswap.apps.internet`,
+:mod:`segswap.apps.eval_pairs`, :mod:`segswap.apps.eval_retrieval` (and docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -56,6 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workdir", default=None, help="cache of predictions (default: next to --out)")
     i.add_argument("--save-masks", action="store_true", help="write predicted masks next to --out")
     i.add_argument("--out", required=True, help="results JSON")
+
+    from segswap.apps.eval_backbone import add_backbone_options
+    from segswap.apps.eval_retrieval import DEFAULT_SCORE, SCORES
+
+    optional = model_parser(ckpt_required=False)
+    r = sub.add_parser("pairs", parents=[optional], help="real pairs with optional GT masks / geometry; "
+                                                         "beside trivial and mutual-NN baselines")
+    r.add_argument("root", help="folder of pair folders (<pair>/img0.*, img1.*, mask0.png, H01.txt, ...)")
+    r.add_argument("--size", type=int, default=None, help="images resized to SIZE x SIZE, a multiple of 16 "
+                                                          "(default: the checkpoint's training size, else 480)")
+    r.add_argument("--sheet", default=None, help="folder for one PNG of predictions per pair")
+    r.add_argument("--out", default=None, help="results JSON (optional)")
+    add_backbone_options(r)
+
+    t = sub.add_parser("retrieval", parents=[optional], help="images in class folders: P@1 and mAP of Eq. 3 "
+                                                             "and its normalisations beside GeM and raw pixels")
+    t.add_argument("root", help="folder of class folders of images")
+    t.add_argument("--size", type=int, default=None, help="images resized to SIZE x SIZE (default as pairs)")
+    t.add_argument("--score", default=DEFAULT_SCORE, choices=SCORES,
+                   help=f"the Eq. 3 variant reported as the model's score (default {DEFAULT_SCORE}); "
+                        "all are computed and listed")
+    t.add_argument("--out", default=None, help="results JSON (optional)")
+    add_backbone_options(t)
     return p
 
 
@@ -108,18 +133,64 @@ def run_internet(args) -> tuple[dict, str]:
     return res, table(rows, ["class", "images", "P", "J"])
 
 
+def _eval_networks(args):
+    from segswap.apps.eval_backbone import open_networks
+    from segswap.apps.predictor import model_size
+
+    from segswap.nets.device import resolve_device
+
+    args.device = resolve_device(args.device)  # "auto" as in every command; ValueError (exit 2) for no CUDA
+    nets = open_networks(args.ckpt, args.backbone, args.backbone_weights, args.device)
+    return nets, model_size(nets.model, args.size)
+
+
+def run_pairs(args) -> tuple[dict, str]:
+    from segswap.apps import eval_pairs
+
+    eval_pairs.find_pairs(args.root)  # a missing folder fails before the model loads
+    nets, size = _eval_networks(args)
+    res = eval_pairs.evaluate(nets, args.root, size, sheet_dir=args.sheet, progress=Progress("pairs"))
+    text = table(eval_pairs.summary_rows(res), eval_pairs.SUMMARY_HEADER)
+    text += f"\n{res['n_pairs']} pairs at {size}x{size}, features: {res['backbone']}"
+    if res["skipped"]:
+        text += f"\nskipped {len(res['skipped'])}: " + "; ".join(res["skipped"])
+    return res, text
+
+
+def run_retrieval(args) -> tuple[dict, str]:
+    from segswap.apps import eval_retrieval
+
+    eval_retrieval.find_classes(args.root)
+    nets, size = _eval_networks(args)
+    res = eval_retrieval.evaluate(nets, args.root, size, score=args.score, batch_size=args.batch_size,
+                                  feature_cache=args.feature_cache, progress=Progress("queries"))
+    text = table(eval_retrieval.summary_rows(res), eval_retrieval.RETRIEVAL_HEADER)
+    text += f"\n{res['n_images']} images in {res['n_classes']} classes at {size}x{size}, features: {res['backbone']}"
+    if "calibration" in res:
+        c = res["calibration"]
+        text += (f"\nmask mean on the target: same class {c['M1_same_class']:.3f}, other class "
+                 f"{c['M1_other_class']:.3f} (AUC {c['M1_auc_same_vs_other']:.3f}); Eq. 3 AUC same vs other "
+                 f"{c['S_auc_same_vs_other']:.3f}; self-pair mask mean {c['self_mask_mean']:.3f}")
+    if res["skipped"]:
+        text += f"\nskipped {len(res['skipped'])}: " + "; ".join(res["skipped"])
+    return res, text
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(level=args.log_level)
-    runner = {"brueghel": run_brueghel, "pitts": run_placerec, "tokyo": run_placerec, "internet": run_internet}
+    runner = {"brueghel": run_brueghel, "pitts": run_placerec, "tokyo": run_placerec, "internet": run_internet,
+              "pairs": run_pairs, "retrieval": run_retrieval}
     try:
         res, text = runner[args.benchmark](args)
     except (FileNotFoundError, ValueError) as e:  # dataset problems: the message names the file
         print(f"segswap-eval {args.benchmark}: error: {e}", file=sys.stderr)
         return 2
-    write_json(args.out, res)
+    if args.out:
+        write_json(args.out, res)
     print(text)
-    print(f"results -> {args.out}")
+    if args.out:
+        print(f"results -> {args.out}")
     return 0
 
 
