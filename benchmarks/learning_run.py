@@ -90,6 +90,23 @@ def write_untrained(run_dir: str, path: str) -> None:
     save_checkpoint(path, {"step": 0, "config": cfg, "model": model.state_dict()})
 
 
+def held_out_real(real: str, folder: str) -> str:
+    """The real pairs and retrieval classes made from photos the training corpus does not contain.
+
+    build_real_pairs.py also makes crop pairs and classes of opencv-doc photos that ``corpus`` trains on
+    (baboon, fruits, ...): a model has seen those images, so they are left out here, by name."""
+    seen = {n.rsplit(".", 1)[0].lower() for n in OPENCV_PHOTOS} | {n.lower() for n in SKIMAGE_PHOTOS}
+    for sub in ("pairs", "retrieval"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(real, sub))):
+            link = os.path.join(folder, sub, name)
+            if name.lower().removesuffix("-crops") not in seen and not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(real, sub, name)), link)
+    kept = {sub: sorted(os.listdir(os.path.join(folder, sub))) for sub in ("pairs", "retrieval")}
+    print(f"held-out real data: pairs {kept['pairs']}; retrieval classes {kept['retrieval']}")
+    return folder
+
+
 def export_pairs(shards: str, folder: str) -> int:
     """Held-out generator pairs in ``segswap-eval pairs``' folder layout: plain images, the exact masks, and
     the stored correspondences as a full-resolution displacement (NaN where a pixel has no match)."""
@@ -131,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3; the paper's 2e-4 is for 200k steps)")
     p.add_argument("--run-name", default="train", help="training run folder under --out (train)")
+    p.add_argument("--checkpoint", default="last.pth", help="checkpoint of the run that evaluate scores (last.pth)")
     p.add_argument("--real-pairs", default=None, help="real-pair folder (default: OUT/realpairs, built if missing)")
     args = p.parse_args(argv)
     stages = args.stages.split(",")
@@ -170,7 +188,7 @@ def main(argv=None) -> int:
                                    env={"OMP_NUM_THREADS": "1"})
         times["train_wall_s"] = time.perf_counter() - t0
     if "evaluate" in stages:
-        checkpoints = sorted(f for f in os.listdir(run_dir) if f.startswith("ckpt-"))
+        trained = os.path.join(run_dir, args.checkpoint)
         untrained = os.path.join(run_dir, "untrained.pth")
         if not os.path.isfile(untrained):
             write_untrained(run_dir, untrained)
@@ -181,21 +199,20 @@ def main(argv=None) -> int:
         if not os.path.isdir(real):
             run([sys.executable, os.path.join(os.path.dirname(__file__), "build_real_pairs.py"), "--out", real],
                 log_path)
-        results = {}
-        for label, ckpt in (("untrained", untrained), ("trained", os.path.join(run_dir, "last.pth"))):
-            for name, folder in (("generator", gen_dir), ("real", os.path.join(real, "pairs"))):
-                js = os.path.join(out, f"eval-{name}-{label}.json")
-                if not os.path.isfile(js):
-                    run([os.path.join(bin_dir, "segswap-eval"), "pairs", folder, "--model", ckpt, "--size",
-                         str(args.size), "--out", js, "--sheet", os.path.join(out, f"sheets-{name}-{label}")],
-                        log_path, env={"OMP_NUM_THREADS": "1"})
-                results[(name, label)] = json.load(open(js))
-        js = os.path.join(out, "eval-retrieval.json")
+        heldout = held_out_real(real, os.path.join(out, "realpairs-heldout"))
+        env = {"OMP_NUM_THREADS": "1"}
+        for label, ckpt in (("untrained", untrained), ("trained", trained)):
+            js = os.path.join(out, f"eval-generator-{label}.json")
+            if not os.path.isfile(js):
+                run([os.path.join(bin_dir, "segswap-eval"), "pairs", gen_dir, "--model", ckpt, "--size",
+                     str(args.size), "--out", js, "--sheet", os.path.join(out, f"sheets-generator-{label}")],
+                    log_path, env)
+        js = os.path.join(out, "eval-real.json")
         if not os.path.isfile(js):
-            run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_real_pairs.py"), "--data", real,
-                 "--ckpt", untrained, "--ckpt", os.path.join(run_dir, "last.pth"), "--backbone", "vgg16",
-                 "--size", str(args.size), "--out", js], log_path, env={"OMP_NUM_THREADS": "1"})
-        print(f"checkpoints: {', '.join(checkpoints)}; results in {out}/eval-*.json (tables in {log_path})")
+            run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_real_pairs.py"), "--data", heldout,
+                 "--ckpt", untrained, "--ckpt", trained, "--backbone", "vgg16", "--size", str(args.size),
+                 "--sheets", os.path.join(out, "sheets-real"), "--out", js], log_path, env)
+        print(f"results in {out}/eval-*.json, tables in {log_path}")
     if times:
         path = os.path.join(out, "times.json")
         old = json.load(open(path)) if os.path.isfile(path) else {}
