@@ -15,7 +15,7 @@ local shard with an ``index.json`` beside it is first compared with its entry (s
 :mod:`segswap.shards.integrity`).
 
 Bad data, by default, is counted and skipped: ``take_skipped()`` returns the samples lost since the
-last call. The count is exact when an ``index.json`` says how many samples a shard holds; otherwise
+last call (``skipped_total``: all of them in this process). The count is exact when an ``index.json`` says how many samples a shard holds; otherwise
 a shard read that fails counts as one. Warnings are rate-limited per reason (the first few in full,
 then one line with the running count per minute). ``strict=True`` raises at the first damaged shard.
 
@@ -95,6 +95,7 @@ class SampleSource:
         self.stall_reads = stall_reads(len(self.urls))
         self.stall_samples = max(STALL_SAMPLES, 2 * self.shuffle_buffer)
         self._skipped = 0
+        self.skipped_total = 0  # in this process, whether or not a later sample carried the count out
         self._failed_samples = 0
 
     @staticmethod
@@ -113,6 +114,10 @@ class SampleSource:
 
     # ------------------------------------------------------------------ counting, for the decoding layer
 
+    def _count(self, n: int) -> None:
+        self._skipped += n
+        self.skipped_total += n
+
     def take_skipped(self) -> int:
         """Samples lost since the previous call (see the module docstring for how they are counted)."""
         n, self._skipped = self._skipped, 0
@@ -123,7 +128,7 @@ class SampleSource:
         msg = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}: {why}"
         if self.strict:
             raise DamagedShard(msg) from why
-        self._skipped += 1
+        self._count(1)
         self._failed_samples += 1
         self.warnings.warn("unusable samples", f"skipping unusable sample: {msg}")
         if self.resampled and self._failed_samples >= self.stall_samples:
@@ -143,8 +148,9 @@ class SampleSource:
             raise DamagedShard(why if why.startswith(url) else f"{url}: {why}")
         entry = self.check.entry(url)
         n = entry.get("nsamples") if entry else None
-        self._skipped += max(int(n) - got, 0) if isinstance(n, int) else 1
-        self.warnings.warn("unreadable shard reads", f"skipping the rest of shard {url}: {why}"
+        self._count(max(int(n) - got, 0) if isinstance(n, int) else 1)
+        why = why[len(url) + 2:] if why.startswith(f"{url}: ") else why
+        self.warnings.warn("unreadable shard reads", f"skipping the rest of shard {url} after {got} samples: {why}"
                            if got else f"skipping shard {url}: {why}")
 
     def _read(self, urls):
@@ -178,7 +184,7 @@ class SampleSource:
     def samples(self, seed: int, worker: int = 0, num_workers: int = 1):
         """Raw samples for ``worker`` of ``num_workers`` (this rank's), every random choice from ``seed``."""
         if worker == 0 and self.rank == 0:
-            self._skipped += self._missing
+            self._count(self._missing)
         shard_seed, buffer_seed = (int(x) for x in np.random.SeedSequence(seed).generate_state(2))
         if self.resampled:
             order = (d["url"] for d in ResampledShards(self.urls, seed=shard_seed, worker_seed=lambda: 0,

@@ -130,8 +130,11 @@ def user_error_types() -> tuple:
     from segswap.shards.format import FormatError
     from segswap.shards.stream import StreamStalled
     from segswap.train.checkpoint import CheckpointError
+    from segswap.train.trainer import SetupError
 
-    return ConfigError, CheckpointError, FormatError, StreamStalled, FileNotFoundError, PermissionError
+    # SetupError: a value only the component receiving it can judge (an image size that is not a
+    # multiple of the stride, an unknown device), rejected before training starts.
+    return ConfigError, SetupError, CheckpointError, FormatError, StreamStalled, FileNotFoundError, PermissionError
 
 
 def main(argv=None) -> int:
@@ -147,9 +150,6 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         user = isinstance(e, user_error_types()) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
-        # A bad value that only the component receiving it can judge (an image size that is not a
-        # multiple of the stride, an unknown device) arrives as ValueError before training starts.
-        user = user or (isinstance(e, ValueError) and getattr(e, "__segswap_setup__", False))
         print(f"segswap-train: {'error' if user else 'internal error'}: {one_line(e)}"
               f"{'' if user else ' (rerun with --debug for the traceback)'}", file=sys.stderr)
         return 2 if user else 1
