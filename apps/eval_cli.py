@@ -136,7 +136,6 @@ def run_internet(args) -> tuple[dict, str]:
 def _eval_networks(args):
     from segswap.apps.eval_backbone import open_networks
     from segswap.apps.predictor import model_size
-
     from segswap.nets.device import resolve_device
 
     args.device = resolve_device(args.device)  # "auto" as in every command; ValueError (exit 2) for no CUDA

@@ -11,6 +11,10 @@ than photos) to a temporary folder, then measures in one process (= one DataLoad
 
 and the stream through a DataLoader with --workers processes. Ratios are against `decode`.
 
+It also prints the cost of comparing each shard with the md5 its index.json records (done once per
+shard per loader process, the first time it reads the shard; shards/integrity.py): md5 throughput, and
+a first pass over the shards with the check against one without it.
+
     python benchmarks/bench_loader.py [--shards 'data/pairs/train-{000000..000007}.tar'] [--pairs 200]
                                       [--size 480] [--workers 2]
 """
@@ -26,22 +30,44 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from synthetic_shards import write_synthetic_shards  # noqa: E402
-from webdataset.gopen import gopen  # noqa: E402
-from webdataset.tariterators import group_by_keys, tar_file_expander  # noqa: E402
 
 from segswap.shards.format import decode_sample  # noqa: E402
+from segswap.shards.index import INDEX_NAME, file_md5, write_index  # noqa: E402
+from segswap.shards.reader import iter_raw_samples, shard_urls  # noqa: E402
 from segswap.train.augment import PairAugmenter  # noqa: E402
 from segswap.train.stream import (  # noqa: E402
     ShardStream,
-    expand_shards,
     make_loader,
     tune_loader_process,
 )
 
 
 def raw_samples(urls):
-    for u in expand_shards(urls):
-        yield from group_by_keys(tar_file_expander([{"url": u, "stream": gopen(u, "rb")}]))
+    return iter_raw_samples(urls)
+
+
+def md5_cost(urls, aug, n):
+    """(MB/s of md5 on one core, CPU s of the md5s, CPU s of a first stream pass with / without the check)."""
+    paths = shard_urls(urls)
+    folders = {os.path.dirname(p) for p in paths}
+    if not all(os.path.exists(os.path.join(f, INDEX_NAME)) for f in folders):
+        for f in folders:
+            write_index(f)
+    c = time.process_time()
+    for p in paths:
+        file_md5(p)
+    t_md5 = time.process_time() - c
+    mb = sum(os.path.getsize(p) for p in paths) / 2**20
+
+    def first_pass(check):
+        # a new stream = a new process's first read: nothing remembered
+        stream = ShardStream(urls, aug, seed=0, resampled=False, check_md5=check)
+        c = time.process_time()
+        sum(1 for _ in itertools.islice(iter(stream), n))
+        return time.process_time() - c
+
+    off, on = min(first_pass(False) for _ in range(2)), min(first_pass(True) for _ in range(2))
+    return mb / max(t_md5, 1e-9), t_md5, on, off
 
 
 def rate(make_iter, n, repeats=3):
@@ -73,7 +99,7 @@ def main():
         if args.shards:
             urls = args.shards
             n = min(args.pairs, sum(1 for _ in raw_samples(urls)))
-            print(f"reading {n} pairs of {len(expand_shards(urls))} generator shard(s) at {args.size} px")
+            print(f"reading {n} pairs of {len(shard_urls(urls))} generator shard(s) at {args.size} px")
         else:
             per = 50
             n_shards = max(1, args.pairs // per)
@@ -91,6 +117,10 @@ def main():
         print(f"read      {r_read[0]:10.1f} {r_read[1]:13.1f}")
         print(f"decode    {r_dec[0]:10.1f} {r_dec[1]:13.1f}   (baseline: every field decoded)")
         print(f"stream    {r_stream[0]:10.1f} {r_stream[1]:13.1f}   ({r_stream[1] / r_dec[1]:.2f}x decode; goal >= 100 per worker)")
+        mbps, t_md5, on, off = md5_cost(urls, aug, n)
+        print(f"md5 check {mbps:10.1f} MB/s on one core; all {len(shard_urls(urls))} shard(s): {t_md5:.2f} s CPU; "
+              f"first pass {on:.2f} s CPU with the check vs {off:.2f} s without ({100 * (on - off) / off:+.1f}%; "
+              f"later passes of the same process: none)")
         if args.workers > 0:
             loader = make_loader(ShardStream(urls, aug, seed=0, resampled=True, shuffle_buffer=50), batch_size=5,
                                  workers=args.workers)

@@ -20,8 +20,10 @@ renamed, so a crash never leaves a half-written ``last.pth``.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 
 import torch
 
@@ -43,10 +45,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    torch.save({"format": FORMAT_NAME, "version": FORMAT_VERSION, **state}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT_NAME, "version": FORMAT_VERSION, **state}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # nothing partial is left, under the final name or the temporary one
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError):
+            # torch reports a full disk as RuntimeError ("... file write failed"): name the file
+            raise CheckpointError(f"{path}: cannot save checkpoint ({type(e).__name__}: {e})") from e
+        raise
 
 
 def read_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
@@ -165,3 +175,37 @@ def init_weights(model: CoSegModel, path: str | os.PathLike, replace_backbone: b
     log.info("initialised %s from %s checkpoint %s%s", "head and backbone" if replace_backbone else "head",
              kind, path, "" if replace_backbone else " (backbone kept)")
     return kind
+
+
+def read_resume_checkpoint(out_dir: str, last_name: str, ckpt_glob: str, device="cpu") -> tuple[str, dict]:
+    """(path, checkpoint) to resume from: ``last_name``, or when it cannot be read (a truncated copy, a
+    full disk at the wrong moment) the newest intact numbered checkpoint beside it, with a warning
+    naming both. No intact one: a :class:`CheckpointError` saying so."""
+    last = os.path.join(out_dir, last_name)
+    try:
+        return last, _usable(read_checkpoint(last, device=device), last)
+    except CheckpointError as e:
+        damage = e
+
+    def number(path):
+        found = re.findall(r"\d+", os.path.basename(path))
+        return int(found[-1]) if found else -1
+
+    for path in sorted(glob.glob(os.path.join(out_dir, ckpt_glob)), key=number, reverse=True):
+        try:
+            ck = _usable(read_checkpoint(path, device=device), path)
+        except CheckpointError as e:
+            log.warning("%s is damaged too: %s", path, e)
+            continue
+        log.warning("%s cannot be read (%s); resuming from %s (step %d) instead", last, damage, path, ck["step"])
+        return path, ck
+    raise CheckpointError(f"{damage} and no intact {ckpt_glob} beside it; start afresh with --no-resume "
+                          f"(or another --out)") from None
+
+
+def _usable(obj: dict, path: str) -> dict:
+    missing = [k for k in ("step", "model", "optimizer", "scheduler") if k not in obj]
+    if obj.get("format") != FORMAT_NAME or missing:
+        raise CheckpointError(f"{path}: not a complete segswap-train checkpoint (missing {missing or ['format']})")
+    return obj
+

@@ -7,10 +7,16 @@
 
 Every flag maps to one key of the YAML config (``--config FILE``; see ``segswap.train.config.DEFAULTS``);
 flags override the file. Rerunning a command whose ``--out`` holds ``last.pth`` resumes it.
+
+Exit status: 0 done; 2 a problem with the input or the environment (missing or damaged shards with
+``--strict-data``, shards that yield nothing, a bad option value, an unknown device, an output folder
+that cannot be written, a full disk), reported on one line naming the thing; 1 anything else (one
+line too; ``--debug`` shows the traceback); 128 + N stopped by signal N (``last.pth`` saved).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from segswap.core.cli import DEVICE_HELP, LOADER_WORKERS_HELP, add_version, hide_rarely_used
@@ -27,6 +33,7 @@ FLAG_KEYS = {
     "lr_gamma": "optim.lr_gamma", "grad_clip": "optim.grad_clip", "weight_decay": "optim.weight_decay",
     "batch_pos": "data.batch_pos", "batch_neg": "data.batch_neg", "image_size": "data.image_size",
     "workers": "data.workers", "shuffle_buffer": "data.shuffle_buffer", "strict_data": "data.strict",
+    "check_md5": "data.check_md5",
     "eta": "loss.eta", "transported_mask": "loss.transported_mask",
     "log_every": "train.log_every", "ckpt_every": "train.ckpt_every", "val_every": "train.val_every",
     "val_pairs": "train.val_pairs", "resume": "train.resume", "amp": "train.amp",
@@ -77,7 +84,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help=LOADER_WORKERS_HELP)
     g.add_argument("--shuffle-buffer", type=int, help="samples in the shuffle buffer per worker (default 500)")
     g.add_argument("--strict-data", action="store_const", const=True,
-                   help="stop at the first corrupt sample instead of skipping and counting it")
+                   help="stop at the first corrupt sample or damaged shard instead of skipping and counting it")
+    g.add_argument("--check-md5", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare each local shard with the md5 of the index.json beside it, once per "
+                        "loader process (default on; its size is always compared)")
     g = p.add_argument_group("loss")
     g.add_argument("--eta", type=float, help="weight of the correspondence term (default 8)")
     g.add_argument("--transported-mask", action=argparse.BooleanOptionalAction, default=None,
@@ -96,6 +106,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--ckpt-every", type=int, help="steps between periodic checkpoints (default 5000)")
     g.add_argument("--val-every", type=int, help="steps between validations (default 5000)")
     g.add_argument("--val-pairs", type=int, help="held-out pairs per validation (default 200)")
+    g.add_argument("--debug", action="store_true", help="show the traceback of an error")
     add_version(p)
     hide_rarely_used(p, "loss", "hard negatives (--phase hardneg)")
     return p
@@ -105,15 +116,52 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return resolve(args.config, {key: getattr(args, dest) for dest, key in FLAG_KEYS.items()})
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line. An error raised in a DataLoader worker comes back with the
+    worker's traceback as its message: its last line is the original message."""
+    text = str(exc).strip() or type(exc).__name__
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        head, sep, rest = text.partition(": ")
+        if sep and " " not in head:  # "segswap.shards.reader.DamagedShard: ..."
+            text = rest
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return " ".join(text.split())
+
+
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+               errno.EISDIR, errno.EEXIST, errno.EFBIG}
+
+
+def user_error_types() -> tuple:
+    """Errors that are the input's or the environment's, not the program's (exit 2)."""
+    from segswap.shards.format import FormatError
+    from segswap.shards.stream import StreamStalled
+    from segswap.train.checkpoint import CheckpointError
+    from segswap.train.trainer import SetupError
+
+    # SetupError: a value only the component receiving it can judge (an image size that is not a
+    # multiple of the stride, an unknown device), rejected before training starts.
+    return ConfigError, SetupError, CheckpointError, FormatError, StreamStalled, FileNotFoundError, PermissionError
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"segswap-train: {e}", file=sys.stderr)
-        return 2
-    from segswap.train.trainer import train  # after argument errors: torch start-up is slow
-    return train(cfg)
+        from segswap.train.trainer import train  # after argument errors: torch start-up is slow
+        return train(cfg)
+    except KeyboardInterrupt:  # before the trainer's own handler is in place
+        print("segswap-train: interrupted", file=sys.stderr)
+        return 128 + 2
+    except Exception as e:  # noqa: BLE001 - every error becomes one line; --debug shows the traceback
+        if args.debug:
+            raise
+        user = isinstance(e, user_error_types()) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
+        print(f"segswap-train: {'error' if user else 'internal error'}: {one_line(e)}"
+              f"{'' if user else ' (rerun with --debug for the traceback)'}", file=sys.stderr)
+        return 2 if user else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ For a pair with ground-truth grid masks ``M0, M1`` (soft, in [0, 1]) and corresp
     ``eta`` times the L1 distance ``|c01 - C01|`` (mean over x and y) averaged over the cells with
     weights ``W0 = M0 * [C01 is defined]`` (and the same from image 1); zero for negatives.
 ``total``
-    the sum of the above (and of any extra terms the trainer adds, e.g. ``contrast``).
+    the sum of the above.
+
+:class:`TrainingCriterion` is what the trainer calls: these terms (without ``total``) plus, when pixel
+contrast is on, ``contrast`` = its weight x the pixel-contrast loss (``train/pixel_contrast.py``), zero
+during its warm-up. Each term is already weighted; the trainer sums them and logs each by name.
 
 The normalisation of each term (means over cells and maps, L1 averaged over the two coordinates) is the
 official code's, for which ``eta = 8`` was tuned. Terms are computed in float32 outside autocast: BCE
@@ -91,3 +95,40 @@ class SegSwapLoss(nn.Module):
 
 def build_loss(cfg: dict) -> SegSwapLoss:
     return SegSwapLoss(**cfg)
+
+
+class TrainingCriterion(nn.Module):
+    """Every training term by name, each already weighted: Eq. 2's three, and ``contrast`` when given.
+
+    ``forward(out, target, n_pos, step, generator)``: ``out`` is the head's dict for all pairs of the
+    step (the first ``n_pos`` positives; with contrast also ``emb0, emb1`` [B,D,h,w] from the projection
+    head); ``target`` the positives' ground truth (see :meth:`SegSwapLoss.forward`); ``step`` the
+    optimiser step (for the contrast warm-up); ``generator`` the contrast loss's anchor sampler.
+    """
+
+    def __init__(self, segswap: SegSwapLoss, contrast: nn.Module | None = None, contrast_weight: float = 0.0,
+                 contrast_warmup: int = 0):
+        super().__init__()
+        self.segswap = segswap
+        self.contrast = contrast
+        self.contrast_weight = float(contrast_weight)
+        self.contrast_warmup = int(contrast_warmup)
+
+    def forward(self, out: dict, target: dict, n_pos: int, step: int, generator=None) -> dict:
+        terms = self.segswap(out, target, n_pos)
+        del terms["total"]
+        if self.contrast is None:
+            return terms
+        if step >= self.contrast_warmup:
+            # Every pair of the step takes part: negatives (in-batch and hard) are all background, and
+            # their false positives are exactly the hard background anchors the loss wants.
+            gt0 = torch.zeros_like(out["mask0"], dtype=torch.float32)
+            gt1 = torch.zeros_like(out["mask1"], dtype=torch.float32)
+            gt0[:n_pos], gt1[:n_pos] = target["mask0"], target["mask1"]
+            closs = self.contrast(out["emb0"].float(), out["emb1"].float(), gt0, gt1,
+                                  out["mask0"].detach().float(), out["mask1"].detach().float(), generator)
+            terms["contrast"] = self.contrast_weight * closs
+        else:  # keep the projection in the graph so DDP sees its (zero) gradients
+            terms["contrast"] = 0.0 * (out["emb0"].float().sum() + out["emb1"].float().sum())
+        return terms
+

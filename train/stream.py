@@ -1,14 +1,15 @@
 """Streaming training items from shards: read, decode, augment (``train/augment.py``).
 
-``ShardStream`` is an ``IterableDataset`` over WebDataset shards (local paths, brace lists, ``pipe:``
-URLs, ``::``-joined lists). Training streams are *resampled*: each DataLoader worker of each rank draws
+``ShardStream`` is an ``IterableDataset``: the shard reader's raw samples (``shards/stream.py``:
+every URL form ``shards.reader.shard_urls`` accepts, resampling, splitting, shuffle, damage checks,
+the stall rule) followed by decoding and augmentation. Training streams are *resampled*: each DataLoader worker of each rank draws
 shards with replacement from its own seeded generator and mixes samples through a shuffle buffer, so
 the stream never ends and epochs are not a concept. Validation streams read every shard once, in
 order, split across ranks and workers, without augmentation.
 
-Corrupt samples (undecodable fields, bad shapes, broken tar members) are skipped and counted: each
+Corrupt samples (undecodable fields, bad shapes) and damaged shards are skipped and counted: each
 yielded item carries ``skipped``, the number dropped since the previous item of that worker, which the
-trainer sums. ``strict=True`` raises instead.
+trainer sums. ``strict=True`` raises at the first one instead.
 """
 from __future__ import annotations
 
@@ -16,37 +17,21 @@ import ctypes
 import logging
 import os
 import signal
+import time
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from segswap.shards.format import FormatError
+from segswap.shards.stream import SampleSource
 from segswap.train.augment import PairAugmenter, decode_choice
 
 log = logging.getLogger(__name__)
 
-STREAM_DEFAULTS = {"shuffle_buffer": 500, "strict": False}
-
-
-def expand_shards(urls: str | list) -> list[str]:
-    """Brace lists, ``::``-joined lists, directories and ``pipe:`` URLs -> list of shard URLs."""
-    if isinstance(urls, (list, tuple)):
-        return [u for part in urls for u in expand_shards(part)]
-    urls = os.fspath(urls)
-    if not urls.startswith("pipe:") and os.path.isdir(urls):
-        found = sorted(os.path.join(urls, f) for f in os.listdir(urls) if f.endswith(".tar"))
-        if not found:
-            raise FileNotFoundError(f"{urls}: directory holds no .tar shards")
-        return found
-    out = expand_urls(urls)
-    if not out:
-        raise ValueError(f"{urls!r} names no shards")
-    return out
+STREAM_DEFAULTS = {"shuffle_buffer": 500, "strict": False, "check_md5": True}
+DECODE_ERRORS = (FormatError, cv2.error, ValueError, KeyError)
 
 
 class ShardStream(IterableDataset):
@@ -54,106 +39,40 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls, augment: PairAugmenter, seed: int = 0, resampled: bool = True,
                  shuffle_buffer: int = STREAM_DEFAULTS["shuffle_buffer"], strict: bool = STREAM_DEFAULTS["strict"],
-                 rank: int = 0, world_size: int = 1, stream_id: int = 0, max_items: int | None = None):
+                 rank: int = 0, world_size: int = 1, stream_id: int = 0, max_items: int | None = None,
+                 check_md5: bool = STREAM_DEFAULTS["check_md5"]):
         super().__init__()
-        expanded = expand_shards(urls)
-        self.urls = self._existing(expanded, strict)
-        self._missing = len(expanded) - len(self.urls)  # counted once, as skips of the first worker
+        self.source = SampleSource(urls, resampled=resampled, shuffle_buffer=shuffle_buffer, strict=strict,
+                                   rank=rank, world_size=world_size, check_md5=check_md5)
+        self.urls = self.source.urls
         self.augment = augment
         self.seed = int(seed)
         self.resampled = resampled
-        self.shuffle_buffer = int(shuffle_buffer)
         self.strict = strict
-        self.rank, self.world_size = rank, world_size
+        self.rank = rank
         self.stream_id = int(stream_id)  # distinguishes restarts (resume step) and pool streams
         self.max_items = max_items
-        self._skipped = 0
 
-    @staticmethod
-    def _existing(urls: list[str], strict: bool) -> list[str]:
-        """Check local shard paths once, here, rather than in every worker on every pass: a mistyped
-        path must stop the run with its name, not loop over skips."""
-        missing = [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.isfile(u)]
-        if missing and (strict or len(missing) == len(urls)):
-            raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {', '.join(missing[:3])}")
-        if missing:
-            log.warning("%d of %d shards do not exist and are left out, e.g. %s", len(missing), len(urls),
-                        ", ".join(missing[:3]))
-            gone = set(missing)
-            urls = [u for u in urls if u not in gone]
-        return urls
-
-    # Every random choice of a worker comes from one SeedSequence keyed by (seed, rank, worker, stream).
-    def _rng(self) -> tuple[np.random.Generator, int, int]:
+    # Every random choice of a worker comes from one SeedSequence keyed by (seed, rank, worker, stream):
+    # one child for the shard order and shuffle buffer, one for the augmentations.
+    def _seeds(self) -> tuple[int, np.random.Generator, int, int]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        ss = np.random.SeedSequence([self.seed, self.rank, wid, self.stream_id])
-        return np.random.default_rng(ss), wid, nw
-
-    def _handler(self, exn: Exception) -> bool:
-        if self.strict:
-            return False
-        self._skipped += 1
-        log.warning("skipping unreadable shard data: %s", str(exn)[:300])
-        return True
-
-    def _shard_order(self, rng, wid, nw):
-        if self.resampled:
-            while True:
-                yield self.urls[int(rng.integers(len(self.urls)))]
-        else:
-            k = self.rank * nw + wid
-            yield from self.urls[k::self.world_size * nw]
-
-    def _raw_samples(self, rng, wid, nw):
-        for url in self._shard_order(rng, wid, nw):
-            try:
-                stream = gopen(url, "rb")
-            except Exception as e:  # noqa: BLE001 - missing file, failing pipe: count and go on
-                if self.strict:
-                    raise FormatError(f"{url}: cannot open ({e})") from e
-                self._handler(e)
-                if self.resampled and self._skipped > 100 * len(self.urls):
-                    raise RuntimeError(f"no shard of {self.urls[:3]}... can be opened") from e
-                continue
-            try:
-                for raw in group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=self._handler),
-                                         handler=self._handler):
-                    yield raw
-            finally:
-                stream.close()
-
-    def _shuffled(self, samples, rng):
-        if not self.resampled or self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buf = []
-        for s in samples:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(s)
-                continue
-            k = int(rng.integers(len(buf)))
-            buf[k], s = s, buf[k]
-            yield s
-        while buf:
-            yield buf.pop(int(rng.integers(len(buf))))
+        order, aug = np.random.SeedSequence([self.seed, self.rank, wid, self.stream_id]).spawn(2)
+        return int(order.generate_state(1)[0]), np.random.default_rng(aug), wid, nw
 
     def __iter__(self):
-        rng, wid, nw = self._rng()
-        if wid == 0 and self.rank == 0:
-            self._skipped += self._missing
+        order_seed, rng, wid, nw = self._seeds()
+        source = self.source
         n = 0
-        for raw in self._shuffled(self._raw_samples(rng, wid, nw), rng):
+        for raw in source.samples(order_seed, wid, nw):
             try:
                 item = self.augment(decode_choice(raw, self.augment, rng), rng)
-            except (FormatError, cv2.error, ValueError, KeyError) as e:
-                if self.strict:
-                    raise FormatError(f"{raw.get('__url__', '?')}: {e}") from e
-                self._skipped += 1
-                log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
+            except DECODE_ERRORS as e:
+                source.sample_failed(raw, e)
                 continue
-            item["skipped"] = self._skipped
-            self._skipped = 0
+            source.sample_used()
+            item["skipped"] = source.take_skipped()
             yield item
             n += 1
             if self.max_items is not None and n >= self.max_items:
@@ -180,12 +99,51 @@ def tune_loader_process() -> None:
         pass
 
 
+def _exit_now(_signum, _frame):
+    os._exit(0)  # status 0: the trainer's DataLoader reads a signalled worker as a crash, an exited one as done
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the process that started it dies (PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux/glibc: the DataLoader's own watchdog remains
+        return
+    if os.getppid() == 1:  # the parent died before the request was in place
+        os._exit(0)
+
+
 def worker_init(_worker_id: int) -> None:
     tune_loader_process()
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the trainer handles them (saves,
-    # then shuts the workers down); a worker dying first would make the last batch fetch fail.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group. A worker has nothing to save and
+    # the trainer does not need it any more once signalled (it stops waiting for data at once, or
+    # finishes the step it is in without fetching), so it leaves at once, also when the DataLoader asks
+    # it to (SIGTERM) while it is stuck reading a shard.
+    signal.signal(signal.SIGINT, _exit_now)
+    signal.signal(signal.SIGTERM, _exit_now)
+
+
+def stop_workers(batches, wait_s: float = 2.0) -> None:
+    """End the worker processes of a DataLoader iterator now, whatever they are doing.
+
+    The DataLoader's own shutdown asks each worker in turn and waits up to 5 s for each, which never
+    ends a worker blocked inside a shard read; here every live worker gets SIGTERM (which makes it
+    exit, see ``worker_init``), then SIGKILL if it has not gone within ``wait_s``. ``_workers`` is
+    the DataLoader iterator's list of processes (absent with ``workers=0``).
+    """
+    workers = [w for w in getattr(batches, "_workers", ()) if w.is_alive()]
+    for w in workers:
+        w.terminate()
+    deadline = time.monotonic() + wait_s
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            w.kill()
+            w.join(1.0)
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool = True):

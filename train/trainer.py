@@ -9,15 +9,24 @@ wrapped and synchronised. Each step:
 3. ``batch_neg`` in-batch negatives: image 0 of pair i with image 1 of pair (i + s) mod P, s = 1, 2, …
    (the paper's 5 + 15), plus ``batch_hard`` mined hard negatives in the ``hardneg`` phase, all run
    through the head in one forward together with the positives;
-4. the loss dict of :class:`~segswap.train.loss.SegSwapLoss` (+ ``contrast``), Adam, warm-up/step lr.
+4. the named, weighted terms of :class:`~segswap.train.loss.TrainingCriterion` (Eq. 2, and ``contrast``
+   when on), summed; Adam, warm-up/step lr.
 
 Rank 0 owns the run directory: ``config.yaml``, ``run.json`` (seed, versions, git revision, command),
 ``train.log``, ``metrics.jsonl``, ``val.jsonl``, TensorBoard events (when tensorboard is installed),
 ``last.pth`` (atomic) and ``ckpt-%08d.pth``. A run whose directory holds ``last.pth`` resumes from it
-(model, optimizer, lr schedule, step); SIGTERM / SIGINT save ``last.pth`` before exiting.
+(model, optimizer, lr schedule, step).
+
+Stopping: SIGTERM / SIGINT end the run within moments whatever it is doing. While it waits for data
+(or validates, or refills the hard-negative pool) the signal interrupts at once; during an optimiser
+step it lets the step finish. ``last.pth`` is then saved if a step completed since the last save and
+the process exits with 128 + the signal number; rerunning the command resumes. Loader workers exit on
+the same signals (they hold nothing to save), die with the trainer (``PR_SET_PDEATHSIG``) and are
+stopped by it on every way out, so an error in a worker ends the run instead of hanging it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,16 +48,41 @@ from segswap.core.provenance import package_versions as _versions
 from segswap.nets.device import resolve_device
 from segswap.train import config as config_mod
 from segswap.train.augment import PairAugmenter
-from segswap.train.checkpoint import init_weights, read_checkpoint, save_checkpoint
+from segswap.train.checkpoint import init_weights, read_resume_checkpoint, save_checkpoint
 from segswap.train.evaluate import validate, write_validation_sheet
 from segswap.train.hardneg import HardNegativeMiner
-from segswap.train.loss import build_loss
+from segswap.train.loss import TrainingCriterion, build_loss
 from segswap.train.model import build_model
-from segswap.train.stream import ShardStream, make_loader
+from segswap.train.stream import ShardStream, make_loader, stop_workers
 
 log = logging.getLogger("segswap.train")
 LAST = "last.pth"
 CKPT_PATTERN = "ckpt-%08d.pth"
+CKPT_GLOB = "ckpt-*.pth"
+
+
+class SetupError(ValueError):
+    """A value rejected while the run is set up (device, image size, shard list): the user's to fix."""
+
+
+@contextlib.contextmanager
+def setting_up():
+    try:
+        yield
+    except SetupError:
+        raise
+    except ValueError as e:
+        raise SetupError(str(e)) from e
+
+
+class StopRequested(BaseException):
+    """Raised by the signal handler out of an interruptible wait (data, validation, pool refill).
+
+    A BaseException, so that no ``except Exception`` in the data path can swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def negative_indices(batch_pos: int, batch_neg: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +139,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.amp_dtype = torch.bfloat16 if (t["amp"] and self.device.type == "cuda") else None
         self.stop_signal = None
+        self._interruptible = False
+        self._saved_step = None
         self.tb = None
 
     # ------------------------------------------------------------------------------- setup
@@ -165,7 +201,9 @@ class Trainer:
         self.step_module = TrainStep(self.model.head, self.proj).to(self.device)
         if isinstance(self.contrast_loss, nn.Module):
             self.contrast_loss.to(self.device)
-        self.loss_fn = build_loss(cfg["loss"])
+        self.criterion = TrainingCriterion(build_loss(cfg["loss"]), self.contrast_loss,
+                                           contrast_weight=cfg["contrast"]["weight"],
+                                           contrast_warmup=cfg["contrast"]["warmup"])
         o = cfg["optim"]
         self.optimizer = torch.optim.Adam([p for p in self.step_module.parameters() if p.requires_grad],
                                           lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
@@ -177,10 +215,9 @@ class Trainer:
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _resume(self) -> int:
-        path = os.path.join(self.out, LAST)
-        if not (self.cfg["train"]["resume"] and os.path.isfile(path)):
+        if not (self.cfg["train"]["resume"] and os.path.isfile(os.path.join(self.out, LAST))):
             return 0
-        ck = read_checkpoint(path, device=self.device)
+        path, ck = read_resume_checkpoint(self.out, LAST, CKPT_GLOB, device=self.device)
         saved = ck.get("config", {}).get("model", {})
         for k in ("arch", "backbone", "transformer", "ncnet"):
             if saved.get(k) != self.cfg["model"].get(k):
@@ -195,6 +232,7 @@ class Trainer:
             if isinstance(self.contrast_loss, nn.Module) and ck["contrast"].get("loss") is not None:
                 self.contrast_loss.load_state_dict(ck["contrast"]["loss"])
         log.info("resumed from %s at step %d", path, ck["step"])
+        self._saved_step = int(ck["step"])
         return int(ck["step"])
 
     def _feature_cache(self) -> dict | None:
@@ -221,7 +259,7 @@ class Trainer:
             aug = PairAugmenter(image_size=d["image_size"], **d["augment"])
         return ShardStream(d["shards"], aug, seed=int(self.data_ss.generate_state(1)[0]), resampled=True,
                            shuffle_buffer=d["shuffle_buffer"], strict=d["strict"], rank=self.rank,
-                           world_size=self.world, stream_id=start_step)
+                           world_size=self.world, stream_id=start_step, check_md5=d["check_md5"])
 
     # ---------------------------------------------------------------------------- saving
 
@@ -233,14 +271,30 @@ class Trainer:
         if self.proj is not None:
             state["contrast"] = {"head": self.proj.state_dict(),
                                  "loss": self.contrast_loss.state_dict() if isinstance(self.contrast_loss, nn.Module) else None}
-        save_checkpoint(os.path.join(self.out, LAST), state)
-        if periodic:
+        if periodic:  # the numbered one first: last.pth is never newer than an intact fallback
             save_checkpoint(os.path.join(self.out, CKPT_PATTERN % step), state)
+        save_checkpoint(os.path.join(self.out, LAST), state)
+        self._saved_step = step
         log.info("saved %s at step %d", LAST if not periodic else f"{LAST} and {CKPT_PATTERN % step}", step)
 
     def _on_signal(self, signum, _frame):
+        first = self.stop_signal is None
         self.stop_signal = signum
-        log.warning("received %s: saving and stopping after this step", signal.Signals(signum).name)
+        if self._interruptible:
+            self._interruptible = False  # once: the way out (saving) is not interrupted again
+            raise StopRequested(signum)
+        if first:
+            log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    def _interruptibly(self, fn, *args):
+        """Run ``fn`` so that a stop signal interrupts it (it changes no training state)."""
+        if self.stop_signal is not None:
+            raise StopRequested(self.stop_signal)
+        self._interruptible = True
+        try:
+            return fn(*args)
+        finally:
+            self._interruptible = False
 
     def _should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
@@ -251,11 +305,12 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
 
     def run(self) -> int:
-        self._setup_logging()
-        self._build()
-        start = self._resume()
-        self.cache_meta = self._feature_cache()
-        self._write_run_files(start, resumed=start > 0)
+        with setting_up():
+            self._setup_logging()
+            self._build()
+            start = self._resume()
+            self.cache_meta = self._feature_cache()
+            self._write_run_files(start, resumed=start > 0)
         cfg, t = self.cfg, self.cfg["train"]
         if (cfg["model"]["backbone"] == "resnet50" and cfg["model"]["backbone_weights"] is None
                 and not cfg["model"]["init"] and start == 0):
@@ -265,8 +320,15 @@ class Trainer:
             log.info("run already at step %d >= max_steps %d: nothing to do", start, max_steps)
             return 0
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._step = self._saved_step = start
         try:
             return self._loop(start, max_steps)
+        except StopRequested as stop:
+            self._interruptible = False
+            if self._step != self._saved_step:
+                self.save(self._step)
+            log.warning("stopped by %s at step %d; rerun the same command to resume", stop, self._step)
+            return 128 + stop.signum
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -277,7 +339,7 @@ class Trainer:
                 self._file_handler.close()
 
     def _loop(self, start: int, max_steps: int) -> int:
-        cfg, d, t = self.cfg, self.cfg["data"], self.cfg["train"]
+        d, t = self.cfg["data"], self.cfg["train"]
         P, N = int(d["batch_pos"]), int(d["batch_neg"])
         neg0, neg1 = (x.to(self.device) for x in negative_indices(P, N))
         step_rng = np.random.default_rng(np.random.SeedSequence([int(t["seed"]), self.rank, start, 7]))
@@ -288,15 +350,30 @@ class Trainer:
         if self.proj is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(step_rng.integers(2**62)))
+        with setting_up():
+            miner, pool_items, batches = self._open_data(start)
+        try:
+            return self._steps(start, max_steps, batches, miner, pool_items, step_rng, gen, neg0, neg1)
+        finally:
+            stop_workers(batches)
+
+    def _open_data(self, start: int):
+        """(hard-negative miner or None, its pool stream or None, the batch iterator)."""
+        cfg, d, t = self.cfg, self.cfg["data"], self.cfg["train"]
         miner = pool_items = None
         if t["phase"] == "hardneg":
             miner = HardNegativeMiner(**cfg["hardneg"])
             pool_aug = PairAugmenter(d["image_size"], p_style=d["augment"]["p_style"], p_tps=0.0, p_swap=0.5, p_pad=0.0)
             pool_items = iter(ShardStream(d["shards"], pool_aug, seed=int(self.data_ss.generate_state(2)[1]),
                                           shuffle_buffer=d["shuffle_buffer"], strict=d["strict"], rank=self.rank,
-                                          world_size=self.world, stream_id=10**9 + start))
-        loader = make_loader(self._stream(start), batch_size=P, workers=int(d["workers"]))
-        batches = iter(loader)
+                                          world_size=self.world, stream_id=10**9 + start,
+                                          check_md5=d["check_md5"]))
+        loader = make_loader(self._stream(start), batch_size=int(d["batch_pos"]), workers=int(d["workers"]))
+        return miner, pool_items, self._interruptibly(iter, loader)
+
+    def _steps(self, start, max_steps, batches, miner, pool_items, step_rng, gen, neg0, neg1) -> int:
+        cfg, d, t = self.cfg, self.cfg["data"], self.cfg["train"]
+        P, N = int(d["batch_pos"]), int(d["batch_neg"])
         sums, count, skipped_total = defaultdict(float), 0, 0
         t_last, data_time = time.perf_counter(), 0.0
         self.step_module.train()
@@ -306,10 +383,10 @@ class Trainer:
             self._validate(0)  # the untrained model's numbers: the baseline every later validation is read against
         while step < max_steps:
             if miner is not None and miner.due(step - start):
-                stats = miner.refresh(self.model, pool_items, self.device, self.amp_dtype)
+                stats = self._interruptibly(miner.refresh, self.model, pool_items, self.device, self.amp_dtype)
                 self._log_json("metrics.jsonl", {"step": step, **{f"hardneg/{k}": v for k, v in stats.items()}})
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = self._interruptibly(next, batches)
             data_time += time.perf_counter() - t0
             skipped_total += int(batch["skipped"].sum())
             b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
@@ -329,21 +406,8 @@ class Trainer:
             with torch.autocast(device_type=dev_type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 out = self.ddp(feat0, feat1, pad)
-            terms = self.loss_fn(out, b, n_pos=P)
-            if self.proj is not None:
-                c = cfg["contrast"]
-                if step >= int(c["warmup"]):
-                    # Every pair of the step takes part: negatives (in-batch and hard) are all background,
-                    # and their false positives are exactly the hard background anchors the loss wants.
-                    gt0 = torch.zeros_like(out["mask0"], dtype=torch.float32)
-                    gt1 = torch.zeros_like(out["mask1"], dtype=torch.float32)
-                    gt0[:P], gt1[:P] = b["mask0"], b["mask1"]
-                    closs = self.contrast_loss(out["emb0"].float(), out["emb1"].float(), gt0, gt1,
-                                               out["mask0"].detach().float(), out["mask1"].detach().float(), gen)
-                    terms["contrast"] = float(c["weight"]) * closs
-                else:  # keep the projection in the graph so DDP sees its (zero) gradients
-                    terms["contrast"] = 0.0 * (out["emb0"].float().sum() + out["emb1"].float().sum())
-                terms["total"] = terms["total"] + terms["contrast"]
+            terms = self.criterion(out, b, n_pos=P, step=step, generator=gen)
+            terms["total"] = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if float(cfg["optim"]["grad_clip"]) > 0:
@@ -352,6 +416,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             step += 1
+            self._step = step
             for k, v in terms.items():
                 sums[k] += float(v.detach())
             count += 1
@@ -377,7 +442,8 @@ class Trainer:
         self.save(step, periodic=int(t["ckpt_every"]) > 0 and step % int(t["ckpt_every"]) == 0)
         if self.stop_signal:
             self._barrier()
-            log.warning("stopped by signal at step %d; rerun the same command to resume", step)
+            log.warning("stopped by %s at step %d; rerun the same command to resume",
+                        signal.Signals(self.stop_signal).name, step)
             return 128 + int(self.stop_signal)
         if d["val_shards"]:
             self._validate(step)
@@ -386,6 +452,9 @@ class Trainer:
         return 0
 
     def _validate(self, step: int):
+        self._interruptibly(self._validate_now, step)
+
+    def _validate_now(self, step: int):
         if self.is_main:
             t = self.cfg["train"]
             m = validate(self.model, self.cfg["data"]["val_shards"], int(self.cfg["data"]["image_size"]),
@@ -422,7 +491,8 @@ def _token_dim(head: nn.Module) -> int:
 
 
 def train(cfg: dict) -> int:
-    trainer = Trainer(cfg)
+    with setting_up():
+        trainer = Trainer(cfg)
     try:
         return trainer.run()
     finally:
