@@ -107,8 +107,9 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=24, help="pairs for the loader and warp measurements")
     p.add_argument("--cache-dir", default="/tmp/bench_feature_cache")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    # Threads: OMP_NUM_THREADS decides (on shared cores, 1 avoids OpenMP spin-waits; see docs/learning.md).
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads")
     print(f"{'head':6s} {'size':>4s} {'batch':>6s} {'backbone in loop':>17s} {'cached':>9s} {'speed-up':>9s}   (CPU-s per step)")
     for size in (int(s) for s in args.sizes.split(",")):
         for head in args.heads.split(","):
