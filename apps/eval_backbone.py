@@ -43,7 +43,6 @@ def open_networks(ckpt: str | None, backbone: str = "resnet50", backbone_weights
     """The model of ``ckpt``, or a head-less model around the named backbone; eval mode, no grad."""
     from segswap.train.model import CoSegModel
 
-    torch.set_grad_enabled(False)
     if ckpt:
         from segswap.train.checkpoint import load_model
 

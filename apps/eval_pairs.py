@@ -289,6 +289,7 @@ def predict_methods(networks, item: dict) -> dict[str, dict]:
     return out
 
 
+@torch.no_grad()
 def evaluate(networks, root: str, size: int, sheet_dir: str | None = None, progress=None) -> dict:
     """Run every method on every pair of ``root``; returns the results dict (see ``summary_rows``)."""
     pairs, skipped = find_pairs(root)

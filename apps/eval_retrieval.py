@@ -170,6 +170,7 @@ def calibration(m: dict[str, np.ndarray], labels: list[str]) -> dict:
     return out
 
 
+@torch.no_grad()
 def evaluate(networks, root: str, size: int, *, score: str = DEFAULT_SCORE, batch_size: int = 16,
              feature_cache: str | None = None, progress=None) -> dict:
     if score not in SCORES:

@@ -494,7 +494,8 @@ def train(cfg: dict) -> int:
     with setting_up():
         trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        with torch.enable_grad():  # whatever mode the caller left torch in (an evaluation in the same process)
+            return trainer.run()
     finally:
         if trainer.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
