@@ -74,7 +74,11 @@ def corpus(out: str) -> str:
 
 
 def write_untrained(run_dir: str, path: str) -> None:
-    """The step-0 model of the run: its config and seed, no training (what validation at step 0 measured)."""
+    """The step-0 model of the run: its config and seed, no training (what validation at step 0 measured).
+
+    It repeats the first draw of ``Trainer._build`` (model built from the first of three SeedSequence
+    children, in a forked torch RNG); tests/test_feature_cache.py checks the two agree."""
+    import numpy as np
     import torch
     import yaml
 
@@ -83,7 +87,6 @@ def write_untrained(run_dir: str, path: str) -> None:
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     seed = int(cfg["train"]["seed"])
-    import numpy as np
     init_ss = np.random.SeedSequence(seed).spawn(3)[0]  # the trainer's model-initialisation stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(init_ss.generate_state(1)[0]))

@@ -111,3 +111,22 @@ def test_training_through_the_cache(shards, tmp_path):
                    "--model", "tiny", "--image-size", str(SIZE), "--batch-pos", "2", "--batch-neg", "2",
                    "--workers", "0", "--log-every", "1", "--warmup-steps", "2", "--shuffle-buffer", "4"])
     assert rc == 0 and "reusing" in (out / "train.log").read_text()
+
+
+def test_learning_runs_untrained_model_is_the_trainers_step_0(shards, tmp_path):
+    """benchmarks/learning_run.py rebuilds the step-0 model from the run's config; it must be the trainer's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import learning_run
+
+    from segswap.train.checkpoint import read_checkpoint
+    out = tmp_path / "run"
+    assert cli.main(["--shards", shards, "--out", str(out), "--max-steps", "1", "--ckpt-every", "1",
+                     "--model", "tiny", "--image-size", str(SIZE), "--batch-pos", "2", "--batch-neg", "2",
+                     "--workers", "0", "--lr", "0", "--warmup-steps", "0", "--shuffle-buffer", "4"]) == 0
+    learning_run.write_untrained(str(out), str(tmp_path / "untrained.pth"))
+    a = read_checkpoint(tmp_path / "untrained.pth")["model"]
+    b = read_checkpoint(out / "last.pth")["model"]  # lr 0: one step leaves the weights where they started
+    assert all(torch.equal(a[k], b[k]) for k in a)
