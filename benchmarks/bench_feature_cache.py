@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from segswap.shards.reader import iter_pairs, iter_raw_samples
-from segswap.train.augment import PairAugmenter, decode_choice, random_warp, warp_dense
+from segswap.train.augment import PairAugmenter, decode_choice, random_warp, resize_square, warp_dense
 from segswap.train.config import DEFAULTS
-from segswap.train.feature_cache import CachedFeatureAugmenter, build_cache, resize_square, warp_features
+from segswap.train.feature_cache import CachedFeatureAugmenter, build_cache, warp_features
 from segswap.train.loss import build_loss
 from segswap.train.model import build_model
 from segswap.train.trainer import negative_indices

@@ -8,7 +8,7 @@ from synthetic_shards import write_synthetic_shards
 
 from segswap.shards.reader import iter_pairs, iter_raw_samples
 from segswap.train import cli
-from segswap.train.augment import PairAugmenter, decode_choice
+from segswap.train.augment import PairAugmenter, decode_choice, resize_square
 from segswap.train.config import DEFAULTS
 from segswap.train.feature_cache import (
     CachedFeatureAugmenter,
@@ -16,7 +16,6 @@ from segswap.train.feature_cache import (
     build_cache,
     cache_identity,
     check_cache,
-    resize_square,
     warp_feature_grid,
 )
 from segswap.train.model import build_model

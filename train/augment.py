@@ -66,6 +66,14 @@ def warp_dense(tps: ThinPlateSpline, h: int, w: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ augmenting
 
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """The training resize, for images and masks alike (and the feature cache's images): area
+    interpolation to size x size, nothing when the size is already right."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
 class PairAugmenter:
     """Pair -> training item (numpy arrays) at ``image_size`` with feature-grid ground truth."""
 
@@ -89,9 +97,7 @@ class PairAugmenter:
         return out
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
-        if img.shape[0] == self.size and img.shape[1] == self.size:
-            return img
-        return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return resize_square(img, self.size)
 
     def __call__(self, pair: Pair, rng: np.random.Generator) -> dict:
         return self.augment(pair, self._resize(pair.img0), self._resize(pair.img1), rng, "img", warp_image)

@@ -35,14 +35,13 @@ import json
 import logging
 import os
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from segswap.shards.format import Pair
 from segswap.shards.reader import iter_pairs, shard_urls
-from segswap.train.augment import PairAugmenter
+from segswap.train.augment import PairAugmenter, resize_square
 from segswap.train.groundtruth import cell_centres
 
 log = logging.getLogger(__name__)
@@ -84,13 +83,6 @@ def check_cache(folder: str, identity: dict) -> dict:
             raise FeatureCacheError(f"{folder}: cache was built with another {what} ({meta.get(k)!r:.120} vs "
                                     f"{v!r:.120}); use another --cache-features folder or delete this one")
     return meta
-
-
-def resize_square(img: np.ndarray, size: int) -> np.ndarray:
-    """The pixel path's resize (PairAugmenter._resize): area interpolation to size x size."""
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
 @torch.no_grad()
