@@ -102,17 +102,14 @@ def official_head(encoder_sd: dict):
     return head, {"model": size, "layer_types": layer_types}
 
 
-def _frozen_backbone(sd: dict | None, path: str) -> ResNet50Conv4:
-    net = ResNet50Conv4()
-    if sd is not None:
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: backbone weights do not fit ResNet-50 conv4 "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+def _official_backbone(sd: dict, path: str) -> ResNet50Conv4:
+    """The official checkpoint's ResNet-50 trunk, frozen (``bare_backbone``) with its weights loaded."""
+    net = bare_backbone("resnet50")
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: backbone weights do not fit ResNet-50 conv4 "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return net
 
 
@@ -127,7 +124,7 @@ def load_model(path: str | os.PathLike, device="cpu") -> CoSegModel:
     if kind == "official":
         try:
             head, _ = official_head(obj["encoder"])
-            backbone = _frozen_backbone(official_backbone_to_ours(obj["backbone"]), path)
+            backbone = _official_backbone(official_backbone_to_ours(obj["backbone"]), path)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: official checkpoint does not load: {e}") from e
         model = CoSegModel(backbone, head)
