@@ -13,7 +13,7 @@ import sys
 import time
 
 # Distribution names (what ``pip`` installs), not import names.
-VERSIONED_PACKAGES = ("segswap", "numpy", "scipy", "torch", "opencv-contrib-python-headless", "pyamg",
+VERSIONED_PACKAGES = ("segswap", "numpy", "scipy", "torch", "opencv-contrib-python-headless", "pyamg", "numba",
                       "pycocotools", "webdataset", "ray", "scikit-image", "onnxruntime", "pillow")
 
 

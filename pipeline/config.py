@@ -18,10 +18,11 @@ import re
 from segswap.core.cli import WORKERS_HELP, add_version, hide_rarely_used
 from segswap.core.config import ConfigError, load_config, set_path
 from segswap.nets.device import available_cpus
+from segswap.pipeline.blend import DEFAULT_BLEND
 from segswap.pipeline.style import STYLE_CHOICES
 
 SEGMENT_SOURCES = ("coco", "unsupervised")
-BLEND_CHOICES = ("pyamg", "cv2", "none")
+BLEND_CHOICES = ("multigrid", "pyamg", "cv2", "none")  # blend.BLEND_METHODS less the test-only direct solve
 
 # The default run (`segswap-gen --out data/pairs`) on the embedded corpus: 8 shards x 16 pairs at
 # 480x480 takes about two minutes on 2 cores (benchmarks/bench_gen.py measures the rate) and is
@@ -41,7 +42,7 @@ DEFAULTS = {
     "p_two_object": 0.5,
     "min_cells": 9,
     "flow_stride": 4,
-    "blend": "pyamg",
+    "blend": DEFAULT_BLEND,
     "render": {},                   # further keyword options of the renderer (geometry ranges, ...)
     "max_attempts_per_pair": 20,    # give a shard up to pairs_per_shard x this many draws
     "style": "magenta",             # the paper finds style critical (Table 3); no download needed

@@ -35,7 +35,7 @@ from segswap.segments.base import ImageRecord
 from segswap.segments.coco import SegmentIndex
 from segswap.shards.format import DEFAULT_FLOW_STRIDE, FORMAT_VERSION, MIN_MASK_CELLS, RENDERER_VERSION, Pair
 
-from .blend import BLEND_METHODS, GRADIENTS, blend
+from .blend import BLEND_METHODS, DEFAULT_BLEND, GRADIENTS, blend
 from .geometry import (
     GeometryConfig,
     PasteWarp,
@@ -113,7 +113,7 @@ class PairRenderer:
     """Renders pairs from a SegmentIndex; see the module docstring. Backgrounds default to the
     index's own images; pass ImageRecords or paths to use others (e.g. texture photos)."""
 
-    def __init__(self, segments: SegmentIndex, backgrounds=None, *, size: int = 480, blend: str = "pyamg",
+    def __init__(self, segments: SegmentIndex, backgrounds=None, *, size: int = 480, blend: str = DEFAULT_BLEND,
                  gradients: str = "normal", flow_stride: int = DEFAULT_FLOW_STRIDE, min_cells: float = MIN_MASK_CELLS,
                  p_two_object: float = 0.5, dilation: int | None = None, p_border_crop: float = 0.2,
                  scale_range=(0.7, 1.0), rotation_deg=(-15.0, 15.0), fit_ratio_min_one: float = 0.2,
@@ -381,7 +381,7 @@ class PairRenderer:
 # Keys of the renderer section of a config, with their defaults (PairRenderer's keywords), plus the
 # segment-source keys build_renderer reads itself.
 RENDER_DEFAULTS = {
-    "size": 480, "blend": "pyamg", "gradients": "normal", "flow_stride": DEFAULT_FLOW_STRIDE,
+    "size": 480, "blend": DEFAULT_BLEND, "gradients": "normal", "flow_stride": DEFAULT_FLOW_STRIDE,
     "min_cells": MIN_MASK_CELLS, "p_two_object": 0.5, "dilation": None, "p_border_crop": 0.2,
     "scale_range": (0.7, 1.0), "rotation_deg": (-15.0, 15.0), "fit_ratio_min_one": 0.2, "fit_ratio_min_two": 0.5,
     "max_fit_scale": None, "p_tps": 0.5, "tps_points_per_side": (4, 6), "tps_jitter": 0.25, "image_cache": 16,

@@ -67,7 +67,8 @@ import cv2
 import numpy as np
 
 FORMAT_VERSION = 1
-RENDERER_VERSION = 2  # json renderer_version; 2: Magenta built-in styles at 2/3 scale, pyamg forward/backward smoothing
+RENDERER_VERSION = 3  # json renderer_version; 2: Magenta built-in styles at 2/3 scale, pyamg forward/backward smoothing;
+# 3: the default blend is the numba multigrid solver (pipeline/poisson.py) at tol 1e-6, which rounds a few pixels differently
 SHARD_PATTERN = "train-%06d.tar"
 DEFAULT_FLOW_STRIDE = 4
 JPEG_QUALITY = 95

@@ -104,8 +104,8 @@ def test_flows_are_inverse_of_each_other(pairs):
 
 
 def test_same_seed_same_pair_whatever_came_before(index, fixture):
-    a = _renderer(index, fixture, blend="pyamg")
-    b = _renderer(index, fixture, blend="pyamg")
+    a = _renderer(index, fixture, blend="multigrid")
+    b = _renderer(index, fixture, blend="multigrid")
     _render_some(b, 3, root=7)  # b has other images cached and has rendered other pairs
     for i in range(3):
         try:
@@ -266,6 +266,9 @@ def _render_fields(renderer, n, root):
     return out
 
 
+# Not the multigrid blend: its hierarchy is laid on the box it is given, so on the whole image it takes
+# another path to the same tolerance and may round a pixel differently; pyamg solves the same sparse
+# system either way, which is what pins the box logic exactly.
 @pytest.mark.parametrize("blend", ["cv2", "pyamg"])
 def test_work_on_boxes_gives_the_whole_image_result(index, fixture, monkeypatch, blend):
     """Dilation, warp and blend on the region's box, the TPS only near the context, the ground

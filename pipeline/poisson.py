@@ -1,0 +1,334 @@
+"""The masked Poisson equation of the blend, on the pixel grid, and its multigrid solver.
+
+The equation (Pérez et al. 2003, discretised as in :mod:`segswap.pipeline.blend`): for every pixel p of
+the pasted region Ω, ``deg_p f_p - sum_{q in N_p ∩ Ω} f_q = b_p`` with N_p the 4-neighbours inside
+the image, ``deg_p = |N_p|`` and ``b_p = sum_{q in N_p \\ Ω} dst_q + sum_{q in N_p} v_pq``.
+:func:`grid_system` builds ``deg`` and ``b`` on the region's box; ``blend.poisson_system`` turns the same
+arrays into a sparse matrix for the direct and pyamg solvers, so every solver solves this one system.
+
+:func:`solve_poisson` solves it with conjugate gradients preconditioned by one multigrid V-cycle, all
+three channels at once, in numba-compiled loops over the box (no sparse matrix, no setup per paste
+beyond a few array passes). The hierarchy halves the box per level; a coarse cell stands for the
+region pixels among its 2x2 children, and its operator is ``1/2 P^T A P`` for the piecewise-constant
+``P`` (the 1/2 makes a cell-centred coarse Laplacian of the same scale as the fine one, and keeps the
+exact boundary of Ω at every level) plus a Dirichlet term for the children outside Ω (see
+:func:`_coarsen`). Corrections move between levels by bilinear interpolation and its
+transpose (``R = P^T``), and the smoother is red-black Gauss-Seidel, red then black before the coarse
+correction and black then red after: every piece is symmetric, as CG needs. Why not pyamg: its
+Ruge-Stüben setup and Python-level V-cycles cost 4-6x one ``cv2.seamlessClone`` per paste, this
+solver 1.2-1.5x (``benchmarks/bench_gen.py``, docs/generation-speed.md). The kernels are compiled
+once per machine and cached next to this file (numba ``cache=True``).
+
+Arrays are padded by one cell on every side: weights on the frame are zero and the values there stay
+zero, so the loops need no bounds checks, and neither do they branch on the mask (cells outside Ω have
+zero weights, zero right-hand side and a unit diagonal, so a sweep leaves them at zero).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+COARSEST = 8  # cells on the longer side of the coarsest level, solved by repeated smoothing
+COARSEST_SWEEPS = 16
+
+
+@njit(cache=True)
+def _grid_system(src, dst, mask, mixed, deg, b):
+    h, w, nc = src.shape
+    for i in range(h):
+        for j in range(w):
+            if not mask[i, j]:
+                continue
+            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                qi, qj = i + di, j + dj
+                if qi < 0 or qi >= h or qj < 0 or qj >= w:
+                    continue
+                deg[i, j] += 1.0
+                for c in range(nc):
+                    v = float(src[i, j, c]) - float(src[qi, qj, c])
+                    if mixed:
+                        vd = float(dst[i, j, c]) - float(dst[qi, qj, c])
+                        if abs(vd) > abs(v):
+                            v = vd
+                    if not mask[qi, qj]:
+                        v += float(dst[qi, qj, c])
+                    b[i, j, c] += v
+
+
+def grid_system(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, gradients: str = "normal"):
+    """(deg [H, W], b [H, W, C]) of the equation above; both are zero outside ``mask``."""
+    h, w = mask.shape
+    deg = np.zeros((h, w))
+    b = np.zeros((h, w, src.shape[2]))
+    _grid_system(np.ascontiguousarray(src), np.ascontiguousarray(dst), np.ascontiguousarray(mask, dtype=np.bool_),
+                 gradients == "mixed", deg, b)
+    return deg, b
+
+
+# --- the multigrid levels -------------------------------------------------------------------------
+# A level: unk [H+2, W+2] (1.0 on cells that are unknowns), diag (1.0 off them), wx[i, j] the weight of
+# the edge (i, j)-(i, j+1), wy[i, j] of (i, j)-(i+1, j), all in padded coordinates.
+
+
+@njit(cache=True)
+def _fine_level(mask, deg, unk, diag, wx, wy):
+    h, w = mask.shape
+    for i in range(h):
+        for j in range(w):
+            if mask[i, j]:
+                unk[i + 1, j + 1] = 1.0
+                diag[i + 1, j + 1] = deg[i, j]
+                if j + 1 < w and mask[i, j + 1]:
+                    wx[i + 1, j + 1] = 1.0
+                if i + 1 < h and mask[i + 1, j]:
+                    wy[i + 1, j + 1] = 1.0
+
+
+@njit(cache=True)
+def _coarsen(unk, diag, wx, wy, hc, wc, cunk, cdiag, cwx, cwy):
+    """The coarse operator (padded coordinates: coarse cell ci, cj covers fine cells 2ci-1, 2ci and
+    2cj-1, 2cj): ``1/2 P^T A P`` for the piecewise-constant P, plus 1 on the diagonal for every child
+    inside the box that is not an unknown (it holds a Dirichlet value, zero for the correction).
+    Without that term CG needs 17 iterations on benchmarks/bench_gen.py's pastes, with it 10 (and
+    the plain Galerkin ``P^T A P``, 36): the piecewise-constant coarse cell overstates how far a
+    correction reaches into a cell that Ω only partly covers."""
+    hp, wp = unk.shape
+    for ci in range(1, hc + 1):
+        for cj in range(1, wc + 1):
+            i0, j0 = 2 * ci - 1, 2 * cj - 1
+            u = unk[i0, j0] + unk[i0, j0 + 1] + unk[i0 + 1, j0] + unk[i0 + 1, j0 + 1]
+            if u == 0.0:
+                continue
+            rows = 2.0 if i0 + 1 < hp - 1 else 1.0  # children inside the box, not on the frame
+            cols = 2.0 if j0 + 1 < wp - 1 else 1.0
+            d = (unk[i0, j0] * diag[i0, j0] + unk[i0, j0 + 1] * diag[i0, j0 + 1]
+                 + unk[i0 + 1, j0] * diag[i0 + 1, j0] + unk[i0 + 1, j0 + 1] * diag[i0 + 1, j0 + 1])
+            internal = wx[i0, j0] + wx[i0 + 1, j0] + wy[i0, j0] + wy[i0, j0 + 1]
+            cunk[ci, cj] = 1.0
+            cdiag[ci, cj] = 0.5 * (d - 2.0 * internal) + (rows * cols - u)
+            cwx[ci, cj] = 0.5 * (wx[i0, j0 + 1] + wx[i0 + 1, j0 + 1])
+            cwy[ci, cj] = 0.5 * (wy[i0 + 1, j0] + wy[i0 + 1, j0 + 1])
+
+
+@njit(cache=True, fastmath=True)
+def _sweep(x, b, inv, wx, wy, color):
+    """One half Gauss-Seidel sweep over the cells with (i + j) % 2 == color, every channel
+    (``inv`` = 1 / diag: a product is cheaper than a division)."""
+    nc, hp, wp = x.shape
+    for c in range(nc):
+        xc, bc = x[c], b[c]
+        for i in range(1, hp - 1):
+            for j in range(1 + (i + 1 + color) % 2, wp - 1, 2):
+                xc[i, j] = (bc[i, j] + wx[i, j] * xc[i, j + 1] + wx[i, j - 1] * xc[i, j - 1]
+                            + wy[i - 1, j] * xc[i - 1, j] + wy[i, j] * xc[i + 1, j]) * inv[i, j]
+
+
+@njit(cache=True, fastmath=True)
+def _solve_coarsest(x, b, inv, wx, wy, sweeps):
+    """``sweeps`` symmetric Gauss-Seidel sweeps (red, black, black, red): a symmetric stand-in for
+    an exact solve on the few cells of the coarsest level."""
+    for _ in range(sweeps):
+        _sweep(x, b, inv, wx, wy, 0)
+        _sweep(x, b, inv, wx, wy, 1)
+        _sweep(x, b, inv, wx, wy, 1)
+        _sweep(x, b, inv, wx, wy, 0)
+
+
+@njit(cache=True, fastmath=True)
+def _apply_dot(x, unk, diag, wx, wy, out, dots):
+    """out = A x; dots[c] = x[c] . out[c]."""
+    nc, hp, wp = x.shape
+    for c in range(nc):
+        xc, oc = x[c], out[c]
+        s = 0.0
+        for i in range(1, hp - 1):
+            for j in range(1, wp - 1):
+                v = (diag[i, j] * unk[i, j] * xc[i, j] - wx[i, j] * xc[i, j + 1] - wx[i, j - 1] * xc[i, j - 1]
+                     - wy[i - 1, j] * xc[i - 1, j] - wy[i, j] * xc[i + 1, j])
+                oc[i, j] = v
+                s += v * xc[i, j]
+        dots[c] = s
+
+
+@njit(cache=True, fastmath=True)
+def _restrict(x, b, diag, wx, wy, res, cunk, cb):
+    """cb = R (b - A x) on the coarse unknowns, R the transpose of the bilinear interpolation
+    (weights 9/16, 3/16, 3/16, 1/16 from the coarse cell and its neighbours towards the fine one)."""
+    nc, hp, wp = x.shape
+    for c in range(nc):
+        xc, bc, rc, cbc = x[c], b[c], res[c], cb[c]
+        for i in range(1, hp - 1):
+            for j in range(1, wp - 1):
+                rc[i, j] = (bc[i, j] - diag[i, j] * xc[i, j] + wx[i, j] * xc[i, j + 1] + wx[i, j - 1] * xc[i, j - 1]
+                            + wy[i - 1, j] * xc[i - 1, j] + wy[i, j] * xc[i + 1, j])
+        cbc[:] = 0.0
+        for i in range(1, hp - 1):
+            ci = (i + 1) // 2
+            ci2 = ci - 1 if i % 2 == 1 else ci + 1
+            for j in range(1, wp - 1):
+                r = rc[i, j]
+                cj = (j + 1) // 2
+                cj2 = cj - 1 if j % 2 == 1 else cj + 1
+                cbc[ci, cj] += 0.5625 * r
+                cbc[ci2, cj] += 0.1875 * r
+                cbc[ci, cj2] += 0.1875 * r
+                cbc[ci2, cj2] += 0.0625 * r
+        for ci in range(cunk.shape[0]):
+            for cj in range(cunk.shape[1]):
+                cbc[ci, cj] *= cunk[ci, cj]
+
+
+@njit(cache=True, fastmath=True)
+def _interpolate(x, unk, cx):
+    """x += P cx (bilinear, cell-centred) on the fine unknowns."""
+    nc, hp, wp = x.shape
+    for c in range(nc):
+        xc, cxc = x[c], cx[c]
+        for i in range(1, hp - 1):
+            ci = (i + 1) // 2
+            ci2 = ci - 1 if i % 2 == 1 else ci + 1
+            for j in range(1, wp - 1):
+                cj = (j + 1) // 2
+                cj2 = cj - 1 if j % 2 == 1 else cj + 1
+                xc[i, j] += unk[i, j] * (0.5625 * cxc[ci, cj] + 0.1875 * (cxc[ci2, cj] + cxc[ci, cj2])
+                                         + 0.0625 * cxc[ci2, cj2])
+
+
+@njit(cache=True, fastmath=True)
+def _dot(a, b, out):
+    nc, hp, wp = a.shape
+    for c in range(nc):
+        s = 0.0
+        ac, bc = a[c], b[c]
+        for i in range(hp):
+            for j in range(wp):
+                s += ac[i, j] * bc[i, j]
+        out[c] = s
+
+
+@njit(cache=True, fastmath=True)
+def _step(x, r, p, ap, alpha, rr):
+    """x += alpha p, r -= alpha A p, rr = |r|^2 per channel."""
+    nc, hp, wp = x.shape
+    for c in range(nc):
+        a, s = alpha[c], 0.0
+        xc, rc, pc, apc = x[c], r[c], p[c], ap[c]
+        for i in range(hp):
+            for j in range(wp):
+                xc[i, j] += a * pc[i, j]
+                v = rc[i, j] - a * apc[i, j]
+                rc[i, j] = v
+                s += v * v
+        rr[c] = s
+
+
+@njit(cache=True, fastmath=True)
+def _direction(p, z, beta):
+    nc, hp, wp = p.shape
+    for c in range(nc):
+        pc, zc, bt = p[c], z[c], beta[c]
+        for i in range(hp):
+            for j in range(wp):
+                pc[i, j] = zc[i, j] + bt * pc[i, j]
+
+
+class _Level:
+    def __init__(self, h: int, w: int, channels: int, vectors: bool = True):
+        self.h, self.w = h, w
+        shape = (h + 2, w + 2)
+        self.unk = np.zeros(shape)
+        self.diag = np.ones(shape)
+        self.wx = np.zeros(shape)
+        self.wy = np.zeros(shape)
+        # The finest level's x and b are the caller's arrays (see vcycle).
+        self.x = self.b = None
+        self.res = np.zeros((channels,) + shape)
+        if vectors:
+            self.x, self.b = np.zeros((channels,) + shape), np.zeros((channels,) + shape)
+
+    @property
+    def operator(self):
+        return self.diag, self.wx, self.wy
+
+    @property
+    def smoother(self):
+        return self.inv, self.wx, self.wy
+
+
+class _Multigrid:
+    def __init__(self, mask: np.ndarray, deg: np.ndarray, channels: int):
+        top = _Level(*mask.shape, channels, vectors=False)
+        _fine_level(mask, deg, top.unk, *top.operator)
+        self.levels = [top]
+        while max(self.levels[-1].h, self.levels[-1].w) > COARSEST:
+            fine = self.levels[-1]
+            coarse = _Level((fine.h + 1) // 2, (fine.w + 1) // 2, channels)
+            _coarsen(fine.unk, *fine.operator, coarse.h, coarse.w, coarse.unk, *coarse.operator)
+            self.levels.append(coarse)
+        for lvl in self.levels:
+            lvl.inv = 1.0 / lvl.diag
+
+    def vcycle(self, r: np.ndarray, z: np.ndarray) -> None:
+        """z = one V-cycle applied to r, from zero: red-black Gauss-Seidel before each coarse
+        correction, black-red after, so the preconditioner is symmetric."""
+        levels = self.levels
+        levels[0].b, levels[0].x = r, z
+        z[:] = 0.0
+        last = len(levels) - 1
+        for k in range(last):
+            lvl, coarse = levels[k], levels[k + 1]
+            _sweep(lvl.x, lvl.b, *lvl.smoother, 0)
+            _sweep(lvl.x, lvl.b, *lvl.smoother, 1)
+            _restrict(lvl.x, lvl.b, *lvl.operator, lvl.res, coarse.unk, coarse.b)
+            coarse.x[:] = 0.0
+        lvl = levels[last]
+        _solve_coarsest(lvl.x, lvl.b, *lvl.smoother, COARSEST_SWEEPS)
+        for k in range(last - 1, -1, -1):
+            lvl = levels[k]
+            _interpolate(lvl.x, lvl.unk, levels[k + 1].x)
+            _sweep(lvl.x, lvl.b, *lvl.smoother, 1)
+            _sweep(lvl.x, lvl.b, *lvl.smoother, 0)
+        levels[0].b = levels[0].x = None
+
+
+def solve_poisson(mask: np.ndarray, deg: np.ndarray, b: np.ndarray, x0: np.ndarray, *, tol: float,
+                  maxiter: int = 200) -> tuple[np.ndarray, int]:
+    """Solve the equation above (``deg``, ``b`` from :func:`grid_system`) for every channel of ``b``
+    [H, W, C], from ``x0`` [H, W, C], to ``|b - A x| <= tol |b|`` per channel; returns (x [H, W, C],
+    iterations). ``mask`` must leave at least one pixel of the image out (else A is singular)."""
+    mask = np.ascontiguousarray(mask, dtype=np.bool_)
+    h, w, nc = b.shape
+    mg = _Multigrid(mask, np.ascontiguousarray(deg, dtype=np.float64), nc)
+    top = mg.levels[0]
+    inside = mask[..., None]
+    # Channel-first with a zero frame: the loops run over contiguous rows. The loops never write
+    # the frame, so every vector starts at zero.
+    x, rhs = np.zeros((nc, h + 2, w + 2)), np.zeros((nc, h + 2, w + 2))
+    x[:, 1:-1, 1:-1] = np.moveaxis(np.where(inside, x0, 0.0), 2, 0)
+    rhs[:, 1:-1, 1:-1] = np.moveaxis(np.where(inside, b, 0.0), 2, 0)
+    ap, z = np.zeros_like(x), np.zeros_like(x)
+    limit, rr, rz, pap = np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc)
+    _dot(rhs, rhs, limit)
+    limit = tol * tol * np.maximum(limit, 1e-300)
+    _apply_dot(x, top.unk, *top.operator, ap, pap)
+    r = rhs - ap
+    _dot(r, r, rr)
+    iterations = 0
+    if not (rr <= limit).all():
+        mg.vcycle(r, z)
+        p = z.copy()
+        _dot(r, z, rz)
+        for _ in range(maxiter):
+            iterations += 1
+            _apply_dot(p, top.unk, *top.operator, ap, pap)
+            _step(x, r, p, ap, rz / np.maximum(pap, 1e-300), rr)
+            if (rr <= limit).all():
+                break
+            mg.vcycle(r, z)
+            rz_old = rz.copy()
+            _dot(r, z, rz)
+            _direction(p, z, rz / np.maximum(rz_old, 1e-300))
+        else:
+            raise RuntimeError(f"Poisson solve did not reach tol {tol} in {maxiter} iterations "
+                               f"(relative residual {np.sqrt(rr / limit).max() * tol:.2e})")
+    return np.moveaxis(x[:, 1:-1, 1:-1], 0, 2).copy(), iterations
