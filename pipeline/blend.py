@@ -103,19 +103,19 @@ def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, *, gradien
         from .poisson import grid_system, solve_poisson
 
         deg, b = grid_system(src, dst, mask, gradients)
-        # From src: the solution is src plus a smooth (harmonic) correction, so the error starts smooth.
+        # From src: with normal gradients the solution is src plus a harmonic correction, so the
+        # error starts smooth, which multigrid removes fastest.
         x, _ = solve_poisson(mask, deg, b, src.astype(np.float64), tol=tol)
-        out = dst.copy()
-        out[mask] = np.clip(np.rint(x[mask]), 0, 255).astype(np.uint8)
-        return out
-    A, b, idx = poisson_system(src, dst, mask, gradients)
-    # One BLAS thread: the vectors are small, and with a thread pool per process on a busy node the
-    # solve runs 3-5x slower (measured); parallelism comes from one process per shard instead.
-    with _THREADPOOLS.limit(limits=1):
-        x = _solve(A, b, solver, tol)
-    out = dst.reshape(-1, dst.shape[2]).copy()
-    out[idx] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    return out.reshape(dst.shape)
+        values = x[mask]  # row-major, the order of poisson_system's unknowns
+    else:
+        A, b, _ = poisson_system(src, dst, mask, gradients)
+        # One BLAS thread: the vectors are small, and with a thread pool per process on a busy node the
+        # solve runs 3-5x slower (measured); parallelism comes from one process per shard instead.
+        with _THREADPOOLS.limit(limits=1):
+            values = _solve(A, b, solver, tol)
+    out = dst.copy()
+    out[mask] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return out
 
 
 def _solve(A, b, solver: str, tol: float) -> np.ndarray:

@@ -147,6 +147,12 @@ class PairRenderer:
         self.size = int(size)
         self.blend = blend
         self.gradients = gradients
+        if blend == "multigrid":
+            # Import numba and load (or, on a machine's first run, compile) the solver's kernels now,
+            # so a worker's set-up holds that cost instead of its first pair.
+            from .poisson import load_kernels
+
+            load_kernels()
         self.flow_stride = int(flow_stride)
         self.min_cells = float(min_cells)
         self.dilation = int(dilation) if dilation is not None else dilation_px(self.size)
