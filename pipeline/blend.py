@@ -42,6 +42,14 @@ GRADIENTS = ("normal", "mixed")
 DEFAULT_TOL = 1e-6
 
 
+def box_around(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """Row and column slices of the mask's bounding box grown by ``margin`` px, clipped to the image."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    h, w = mask.shape
+    return (slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, h)),
+            slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, w)))
+
+
 def blend(method: str, src: np.ndarray, dst: np.ndarray, mask: np.ndarray, *, gradients: str = "normal",
           tol: float = DEFAULT_TOL) -> np.ndarray:
     if method not in BLEND_METHODS:
@@ -99,6 +107,13 @@ def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, *, gradien
     if mask.all():
         # No boundary at all: the Poisson problem fixes the image only up to a constant; copy.
         return src.copy()
+    # Only Ω and its neighbours take part: solve on the mask's box plus one pixel (the multigrid
+    # works on the whole box it is given; the renderer already passes this box).
+    box = box_around(mask, 1)
+    if box != (slice(0, mask.shape[0]), slice(0, mask.shape[1])):
+        out = dst.copy()
+        out[box] = poisson_blend(src[box], dst[box], mask[box], gradients=gradients, solver=solver, tol=tol)
+        return out
     if solver == "multigrid":
         from .poisson import grid_system, solve_poisson
 

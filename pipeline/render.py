@@ -35,7 +35,7 @@ from segswap.segments.base import ImageRecord
 from segswap.segments.coco import SegmentIndex
 from segswap.shards.format import DEFAULT_FLOW_STRIDE, FORMAT_VERSION, MIN_MASK_CELLS, RENDERER_VERSION, Pair
 
-from .blend import BLEND_METHODS, DEFAULT_BLEND, GRADIENTS, blend
+from .blend import BLEND_METHODS, DEFAULT_BLEND, GRADIENTS, blend, box_around
 from .geometry import (
     GeometryConfig,
     PasteWarp,
@@ -66,14 +66,6 @@ IMAGE_CACHE_BYTES = 256 * 2 ** 20
 TWO_OBJECT_TRIES = 10
 # Stages whose CPU time PairRenderer.stage_cpu accumulates (benchmarks/bench_gen.py prints them).
 RENDER_STAGES = ("decode", "segments", "geometry", "ground_truth", "blend")
-
-
-def box_around(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
-    """Row and column slices of the mask's bounding box grown by ``margin`` px, clipped to the image."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    h, w = mask.shape
-    return (slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, h)),
-            slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, w)))
 
 
 def _jsonable(v):
