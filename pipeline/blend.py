@@ -11,7 +11,7 @@
   region's box and solves the three channels at once by geometric-multigrid-preconditioned CG, to a
   relative residual of ``tol``.
 - ``pyamg``: the same system as a sparse matrix, one Ruge-Stüben hierarchy (pyamg) as the CG
-  preconditioner of the three channels; the default before the multigrid, 2.5x its cost per paste.
+  preconditioner of the three channels; the default before the multigrid, 2.5-2.9x its cost per paste.
 - ``direct``: the same system solved with ``scipy.sparse.linalg.spsolve``: the reference for tests
   and the benchmark.
 - ``cv2``: ``cv2.seamlessClone`` (NORMAL_CLONE, or MIXED_CLONE for mixed gradients), the official

@@ -16,7 +16,7 @@ exact boundary of Ω at every level) plus a Dirichlet term for the children outs
 transpose (``R = P^T``), and the smoother is red-black Gauss-Seidel, red then black before the coarse
 correction and black then red after: every piece is symmetric, as CG needs. Why not pyamg: its
 Ruge-Stüben setup and Python-level V-cycles cost 3.6-6.5x one ``cv2.seamlessClone`` per paste, this
-solver 1.4x (``benchmarks/bench_gen.py``, docs/generation-speed.md). The kernels are compiled
+solver 1.3-1.4x (``benchmarks/bench_gen.py``, docs/generation-speed.md). The kernels are compiled
 once per machine and cached next to this file (numba ``cache=True``).
 
 Arrays are padded by one cell on every side: weights on the frame are zero and the values there stay
