@@ -232,63 +232,96 @@ def _direction(p, z, beta):
                 pc[i, j] = zc[i, j] + bt * pc[i, j]
 
 
-class _Level:
-    def __init__(self, h: int, w: int, channels: int, vectors: bool = True):
-        self.h, self.w = h, w
-        shape = (h + 2, w + 2)
-        self.unk = np.zeros(shape)
-        self.diag = np.ones(shape)
-        self.wx = np.zeros(shape)
-        self.wy = np.zeros(shape)
-        # The finest level's x and b are the caller's arrays (see vcycle).
-        self.x = self.b = None
-        self.res = np.zeros((channels,) + shape)
-        if vectors:
-            self.x, self.b = np.zeros((channels,) + shape), np.zeros((channels,) + shape)
+@njit(cache=True)
+def _plane(buf, offsets, hp, wp, k):
+    """Level k's [H+2, W+2] array inside a flat buffer of every level's."""
+    return buf[offsets[k]:offsets[k + 1]].reshape((hp[k], wp[k]))
 
-    @property
-    def operator(self):
-        return self.diag, self.wx, self.wy
 
-    @property
-    def smoother(self):
-        return self.inv, self.wx, self.wy
+@njit(cache=True)
+def _planes(buf, offsets, nc, hp, wp, k):
+    """Level k's [C, H+2, W+2] array inside a flat buffer of every level's."""
+    return buf[offsets[k]:offsets[k + 1]].reshape((nc, hp[k], wp[k]))
+
+
+@njit(cache=True)
+def _vcycle(levels, xs, bs, res, nc):
+    """xs[level 0] = one V-cycle applied to bs[level 0], from zero: red-black Gauss-Seidel before
+    each coarse correction, black-red after, so the preconditioner is symmetric."""
+    unk, diag, inv, wx, wy, hp, wp, o2, o3 = levels
+    last = len(hp) - 1
+    _planes(xs, o3, nc, hp, wp, 0)[:] = 0.0
+    for k in range(last):
+        x, b = _planes(xs, o3, nc, hp, wp, k), _planes(bs, o3, nc, hp, wp, k)
+        iv, ex, ey = _plane(inv, o2, hp, wp, k), _plane(wx, o2, hp, wp, k), _plane(wy, o2, hp, wp, k)
+        _sweep(x, b, iv, ex, ey, 0)
+        _sweep(x, b, iv, ex, ey, 1)
+        _restrict(x, b, _plane(diag, o2, hp, wp, k), ex, ey, _planes(res, o3, nc, hp, wp, k),
+                  _plane(unk, o2, hp, wp, k + 1), _planes(bs, o3, nc, hp, wp, k + 1))
+        _planes(xs, o3, nc, hp, wp, k + 1)[:] = 0.0
+    _solve_coarsest(_planes(xs, o3, nc, hp, wp, last), _planes(bs, o3, nc, hp, wp, last),
+                    _plane(inv, o2, hp, wp, last), _plane(wx, o2, hp, wp, last), _plane(wy, o2, hp, wp, last),
+                    COARSEST_SWEEPS)
+    for k in range(last - 1, -1, -1):
+        x, b = _planes(xs, o3, nc, hp, wp, k), _planes(bs, o3, nc, hp, wp, k)
+        iv, ex, ey = _plane(inv, o2, hp, wp, k), _plane(wx, o2, hp, wp, k), _plane(wy, o2, hp, wp, k)
+        _interpolate(x, _plane(unk, o2, hp, wp, k), _planes(xs, o3, nc, hp, wp, k + 1))
+        _sweep(x, b, iv, ex, ey, 1)
+        _sweep(x, b, iv, ex, ey, 0)
+
+
+@njit(cache=True)
+def _pcg(x, rhs, p, ap, levels, xs, bs, res, limit, maxiter):
+    """Conjugate gradients on every channel of x at once (each with its own step lengths), the
+    V-cycle as preconditioner; returns (iterations, |r|^2 per channel), iterations = -1 if
+    ``maxiter`` went by first."""
+    unk, diag, inv, wx, wy, hp, wp, o2, o3 = levels
+    nc = x.shape[0]
+    u0, d0, ex, ey = _plane(unk, o2, hp, wp, 0), _plane(diag, o2, hp, wp, 0), _plane(wx, o2, hp, wp, 0), \
+        _plane(wy, o2, hp, wp, 0)
+    r, z = _planes(bs, o3, nc, hp, wp, 0), _planes(xs, o3, nc, hp, wp, 0)
+    rr, rz, pap = np.empty(nc), np.empty(nc), np.empty(nc)
+    _apply_dot(x, u0, d0, ex, ey, ap, pap)
+    r[:] = rhs - ap
+    _dot(r, r, rr)
+    if (rr <= limit).all():
+        return 0, rr
+    _vcycle(levels, xs, bs, res, nc)
+    p[:] = z
+    _dot(r, z, rz)
+    for it in range(1, maxiter + 1):
+        _apply_dot(p, u0, d0, ex, ey, ap, pap)
+        _step(x, r, p, ap, rz / np.maximum(pap, 1e-300), rr)
+        if (rr <= limit).all():
+            return it, rr
+        _vcycle(levels, xs, bs, res, nc)
+        rz_old = rz.copy()
+        _dot(r, z, rz)
+        _direction(p, z, rz / np.maximum(rz_old, 1e-300))
+    return -1, rr
 
 
 class _Multigrid:
-    def __init__(self, mask: np.ndarray, deg: np.ndarray, channels: int):
-        top = _Level(*mask.shape, channels, vectors=False)
-        _fine_level(mask, deg, top.unk, *top.operator)
-        self.levels = [top]
-        while max(self.levels[-1].h, self.levels[-1].w) > COARSEST:
-            fine = self.levels[-1]
-            coarse = _Level((fine.h + 1) // 2, (fine.w + 1) // 2, channels)
-            _coarsen(fine.unk, *fine.operator, coarse.h, coarse.w, coarse.unk, *coarse.operator)
-            self.levels.append(coarse)
-        for lvl in self.levels:
-            lvl.inv = 1.0 / lvl.diag
+    """The levels' operators and vectors, each kind in one flat buffer (one compiled call runs the
+    whole solve; ``levels`` is the tuple the kernels take)."""
 
-    def vcycle(self, r: np.ndarray, z: np.ndarray) -> None:
-        """z = one V-cycle applied to r, from zero: red-black Gauss-Seidel before each coarse
-        correction, black-red after, so the preconditioner is symmetric."""
-        levels = self.levels
-        levels[0].b, levels[0].x = r, z
-        z[:] = 0.0
-        last = len(levels) - 1
-        for k in range(last):
-            lvl, coarse = levels[k], levels[k + 1]
-            _sweep(lvl.x, lvl.b, *lvl.smoother, 0)
-            _sweep(lvl.x, lvl.b, *lvl.smoother, 1)
-            _restrict(lvl.x, lvl.b, *lvl.operator, lvl.res, coarse.unk, coarse.b)
-            coarse.x[:] = 0.0
-        lvl = levels[last]
-        _solve_coarsest(lvl.x, lvl.b, *lvl.smoother, COARSEST_SWEEPS)
-        for k in range(last - 1, -1, -1):
-            lvl = levels[k]
-            _interpolate(lvl.x, lvl.unk, levels[k + 1].x)
-            _sweep(lvl.x, lvl.b, *lvl.smoother, 1)
-            _sweep(lvl.x, lvl.b, *lvl.smoother, 0)
-        levels[0].b = levels[0].x = None
+    def __init__(self, mask: np.ndarray, deg: np.ndarray, channels: int):
+        shapes = [mask.shape]
+        while max(shapes[-1]) > COARSEST:
+            shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
+        hp = np.array([h + 2 for h, _ in shapes], np.int64)
+        wp = np.array([w + 2 for _, w in shapes], np.int64)
+        o2 = np.concatenate([[0], np.cumsum(hp * wp)]).astype(np.int64)
+        o3 = o2 * channels
+        self.channels = channels
+        unk, diag, wx, wy = np.zeros(o2[-1]), np.ones(o2[-1]), np.zeros(o2[-1]), np.zeros(o2[-1])
+        plane = lambda buf, k: buf[o2[k]:o2[k + 1]].reshape(hp[k], wp[k])  # noqa: E731
+        _fine_level(mask, deg, *(plane(a, 0) for a in (unk, diag, wx, wy)))
+        for k in range(1, len(shapes)):
+            _coarsen(*(plane(a, k - 1) for a in (unk, diag, wx, wy)), *shapes[k],
+                     *(plane(a, k) for a in (unk, diag, wx, wy)))
+        self.levels = (unk, diag, 1.0 / diag, wx, wy, hp, wp, o2, o3)
+        self.x, self.b, self.res = np.zeros(o3[-1]), np.zeros(o3[-1]), np.zeros(o3[-1])
 
 
 def solve_poisson(mask: np.ndarray, deg: np.ndarray, b: np.ndarray, x0: np.ndarray, *, tol: float,
@@ -299,38 +332,19 @@ def solve_poisson(mask: np.ndarray, deg: np.ndarray, b: np.ndarray, x0: np.ndarr
     mask = np.ascontiguousarray(mask, dtype=np.bool_)
     h, w, nc = b.shape
     mg = _Multigrid(mask, np.ascontiguousarray(deg, dtype=np.float64), nc)
-    top = mg.levels[0]
     inside = mask[..., None]
     # Channel-first with a zero frame: the loops run over contiguous rows. The loops never write
     # the frame, so every vector starts at zero.
     x, rhs = np.zeros((nc, h + 2, w + 2)), np.zeros((nc, h + 2, w + 2))
     x[:, 1:-1, 1:-1] = np.moveaxis(np.where(inside, x0, 0.0), 2, 0)
     rhs[:, 1:-1, 1:-1] = np.moveaxis(np.where(inside, b, 0.0), 2, 0)
-    ap, z = np.zeros_like(x), np.zeros_like(x)
-    limit, rr, rz, pap = np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc)
+    limit = np.empty(nc)
     _dot(rhs, rhs, limit)
     limit = tol * tol * np.maximum(limit, 1e-300)
-    _apply_dot(x, top.unk, *top.operator, ap, pap)
-    r = rhs - ap
-    _dot(r, r, rr)
-    iterations = 0
-    if not (rr <= limit).all():
-        mg.vcycle(r, z)
-        p = z.copy()
-        _dot(r, z, rz)
-        for _ in range(maxiter):
-            iterations += 1
-            _apply_dot(p, top.unk, *top.operator, ap, pap)
-            _step(x, r, p, ap, rz / np.maximum(pap, 1e-300), rr)
-            if (rr <= limit).all():
-                break
-            mg.vcycle(r, z)
-            rz_old = rz.copy()
-            _dot(r, z, rz)
-            _direction(p, z, rz / np.maximum(rz_old, 1e-300))
-        else:
-            raise RuntimeError(f"Poisson solve did not reach tol {tol} in {maxiter} iterations "
-                               f"(relative residual {np.sqrt(rr / limit).max() * tol:.2e})")
+    iterations, rr = _pcg(x, rhs, np.zeros_like(x), np.zeros_like(x), mg.levels, mg.x, mg.b, mg.res, limit, maxiter)
+    if iterations < 0:
+        raise RuntimeError(f"Poisson solve did not reach tol {tol} in {maxiter} iterations "
+                           f"(relative residual {np.sqrt(rr / limit).max() * tol:.2e})")
     return np.moveaxis(x[:, 1:-1, 1:-1], 0, 2).copy(), iterations
 
 
