@@ -36,19 +36,41 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# The signal that interrupted the running interruptible() block, if any. Native code that calls back
+# into Python (numba's compiled blend does, to unpickle constants) turns the Interrupted raised there
+# into an error of its own (SystemError), which an ``except Exception`` would then take for a failure
+# and the ignored later signals could not repeat: the record lets the job still stop.
+_pending: list[int] = []
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal arrived in the running block and its exception was
+    turned into another one on the way (call it where a broad ``except`` keeps a batch going)."""
+    if _pending:
+        raise Interrupted(_pending[0])
+
+
 @contextlib.contextmanager
 def interruptible():
     """While the block runs, SIGTERM/SIGINT raise :class:`Interrupted` (once; later ones are ignored
-    until the block has cleaned up), then the previous handlers come back."""
+    until the block has cleaned up), then the previous handlers come back. An exception of another
+    kind that leaves the block after a signal arrived becomes that Interrupted."""
     def handler(signum, _frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_IGN)
+        _pending.append(signum)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    _pending.clear()
     try:
         yield
+    except Exception as e:
+        if _pending:
+            raise Interrupted(_pending[0]) from e
+        raise
     finally:
+        _pending.clear()
         for s, h in previous.items():
             signal.signal(s, h)
 

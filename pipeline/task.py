@@ -26,6 +26,7 @@ from collections import Counter
 import numpy as np
 
 from segswap.core.logs import collect_example
+from segswap.core.ray_driver import raise_if_interrupted
 from segswap.shards.format import SHARD_PATTERN, sample_key
 from segswap.shards.index import shard_entry
 from segswap.shards.writer import ShardWriter
@@ -142,6 +143,7 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                     skip("bad_image", str(e))
                     continue
                 except Exception as e:  # a renderer bug on odd input: count, show once, keep going
+                    raise_if_interrupted()  # unless it is a signal that native code reported as an error
                     skip(f"error:{type(e).__name__}", f"{e}\n{traceback.format_exc()}")
                     continue
                 batch.append(pair)

@@ -106,3 +106,41 @@ def test_imports_only_point_down_and_the_halves_stay_apart():
                     where = f"{py.relative_to(ROOT)} imports {name}"
                     assert LAYER[target] <= level, where
                     assert {folder, target} != {"pipeline", "train"}, where
+
+
+def _signal_seen_through_native_code():
+    """What numba's compiled code does when the signal handler raises inside a Python callback of
+    its: the Interrupted comes back as a SystemError."""
+    import signal
+    import time
+
+    from segswap.core.ray_driver import Interrupted
+
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, at once
+    except Interrupted as e:
+        raise SystemError("CPUDispatcher(<function _pcg>) returned a result with an exception set") from e
+    raise AssertionError("no signal arrived")
+
+
+def test_a_signal_turned_into_another_error_still_stops_the_batch():
+    import signal
+
+    from segswap.core.ray_driver import Interrupted, interruptible, raise_if_interrupted
+
+    skipped = []
+    with pytest.raises(Interrupted) as caught, interruptible():
+        for _ in range(3):
+            try:
+                _signal_seen_through_native_code()
+            except Exception:  # noqa: BLE001 - the shard loop's "renderer error: count and go on"
+                raise_if_interrupted()
+                skipped.append(1)
+    assert caught.value.signum == signal.SIGTERM and not skipped
+    # An error of another kind leaving the block after the signal is the interruption, too.
+    with pytest.raises(Interrupted), interruptible():
+        _signal_seen_through_native_code()
+    raise_if_interrupted()  # outside a block nothing is pending
+    with interruptible():
+        raise_if_interrupted()
