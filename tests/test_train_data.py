@@ -153,3 +153,28 @@ def test_matches_pushed_out_of_the_frame_lose_their_correspondence():
         w = item["flow01_weight"]
         assert ((item["flow01"] >= 0) & (item["flow01"] <= 1)).all()
         assert (w[item["mask0"] == 0] == 0).all()
+
+
+def test_loader_workers_start_after_the_parent_used_opencv_threads(tmp_path):
+    # OpenCV's thread pool is not fork-safe: after the parent ran parallel cv2 calls, forked loader
+    # workers hung in cv2 (seen after unsupervised segment extraction in the same process). In a
+    # subprocess with a time bound, so that a hang fails this test and not the CI run.
+    import subprocess
+    import sys
+
+    url = write_synthetic_shards(tmp_path, n_shards=1, pairs_per_shard=4, size=64)
+    code = (
+        "import sys, cv2, numpy as np\n"
+        "from segswap.train.augment import no_augment\n"
+        "from segswap.train.stream import ShardStream, make_loader\n"
+        "cv2.setNumThreads(2)\n"
+        "big = np.random.rand(2000, 2000, 3).astype(np.float32)\n"
+        "for _ in range(4):\n"
+        "    for _ in range(3):\n"
+        "        cv2.resize(big, (1000, 1000)); cv2.GaussianBlur(big, (7, 7), 2)\n"
+        "    stream = ShardStream(sys.argv[1], no_augment(64), resampled=True, shuffle_buffer=1)\n"
+        "    next(iter(make_loader(stream, batch_size=2, workers=1)))\n"
+        "    cv2.setNumThreads(2)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

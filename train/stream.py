@@ -147,6 +147,13 @@ def stop_workers(batches, wait_s: float = 2.0) -> None:
 
 
 def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool = True):
+    if workers:
+        # OpenCV's thread pool does not survive fork: a forked worker that touches it (worker_init's
+        # setNumThreads, any parallel cv2 call) can wait forever on a condition variable of the
+        # parent's pool threads (gdb: pthread_cond_destroy inside cv2). With the parent's pool at one
+        # thread no pool thread exists at fork time. Measured: 4 of 6 forked children hung after the
+        # parent had run parallel cv2 calls, none with this. The parent's own cv2 work is light.
+        cv2.setNumThreads(1)
     # DataLoader draws a base seed when iterated; give it its own generator so that creating a loader
     # (e.g. for validation) never moves torch's global RNG, which dropout uses.
     gen = torch.Generator().manual_seed(stream.seed)
