@@ -89,9 +89,9 @@ def _coarsen(unk, diag, wx, wy, hc, wc, cunk, cdiag, cwx, cwy):
     """The coarse operator (padded coordinates: coarse cell ci, cj covers fine cells 2ci-1, 2ci and
     2cj-1, 2cj): ``1/2 P^T A P`` for the piecewise-constant P, plus 1 on the diagonal for every child
     inside the box that is not an unknown (it holds a Dirichlet value, zero for the correction).
-    Without that term CG needs 17 iterations on benchmarks/bench_gen.py's pastes, with it 10 (and
-    the plain Galerkin ``P^T A P``, 36): the piecewise-constant coarse cell overstates how far a
-    correction reaches into a cell that Ω only partly covers."""
+    Mean CG iterations to tol 1e-8 on 64 of benchmarks/bench_gen.py's pastes: 16 without that term,
+    9.9 with it, 38 with the plain Galerkin ``P^T A P``: the piecewise-constant coarse cell overstates
+    how far a correction reaches into a cell that Ω only partly covers."""
     hp, wp = unk.shape
     for ci in range(1, hc + 1):
         for cj in range(1, wc + 1):
