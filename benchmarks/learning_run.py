@@ -76,20 +76,17 @@ def corpus(out: str) -> str:
 def write_untrained(run_dir: str, path: str) -> None:
     """The step-0 model of the run: its config and seed, no training (what validation at step 0 measured).
 
-    It repeats the first draw of ``Trainer._build`` (model built from the first of three SeedSequence
-    children, in a forked torch RNG); tests/test_feature_cache.py checks the two agree."""
-    import numpy as np
-    import torch
+    It builds the model as ``Trainer._build`` does (its seed streams and initialisation RNG);
+    tests/test_feature_cache.py checks the two agree."""
     import yaml
 
     from segswap.train.checkpoint import save_checkpoint
     from segswap.train.model import build_model
+    from segswap.train.trainer import model_init_rng, seed_streams
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
-    seed = int(cfg["train"]["seed"])
-    init_ss = np.random.SeedSequence(seed).spawn(3)[0]  # the trainer's model-initialisation stream
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(init_ss.generate_state(1)[0]))
+    init_ss = seed_streams(int(cfg["train"]["seed"]))[0]
+    with model_init_rng(init_ss):
         model = build_model(cfg["model"])
     save_checkpoint(path, {"step": 0, "config": cfg, "model": model.state_dict()})
 

@@ -19,6 +19,8 @@ import os
 
 from torch import nn
 
+from segswap.nets.frozen import frozen
+
 BACKBONES = ("resnet50", "vgg16")
 
 
@@ -44,7 +46,4 @@ def bare_backbone(name: str) -> nn.Module:
         net = VGG16Conv43()
     else:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)

