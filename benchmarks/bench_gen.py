@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from official_reference import reference_pair  # noqa: E402
 
+from segswap.core.cputime import cpu_seconds  # noqa: E402
 from segswap.pipeline import blend as blending  # noqa: E402
 from segswap.pipeline.config import get_parser, resolve  # noqa: E402
 from segswap.pipeline.groundtruth import SkipPair  # noqa: E402
@@ -74,19 +75,6 @@ def prepare_corpus(cache: str, images: str | None) -> list[str]:
     return ["--segments", "coco", "--coco-annotations", os.path.join(cache, "segments.json"), "--images", images]
 
 
-class Cpu:
-    """Accumulates process CPU seconds (user + sys) of the ``with`` blocks into a Counter key."""
-
-    def __init__(self, into: Counter, key: str):
-        self.into, self.key = into, key
-
-    def __enter__(self):
-        self.t = time.process_time()
-
-    def __exit__(self, *exc):
-        self.into[self.key] += time.process_time() - self.t
-
-
 def run_setting(index: SegmentIndex, style: str, blend: str, pairs: int, size: int, style_batch: int, seed: int = 1):
     """Render, stylise and encode ``pairs`` pairs; returns (pairs, CPU-s per stage, pastes, attempts)."""
     renderer = PairRenderer(index, None, **{**RENDER_DEFAULTS, "blend": blend, "size": size})
@@ -111,11 +99,11 @@ def run_setting(index: SegmentIndex, style: str, blend: str, pairs: int, size: i
                 except SkipPair:
                     continue
             if styliser is not None:
-                with Cpu(cost, "style"):
+                with cpu_seconds(cost, "style"):
                     styled, _ = styliser.stylise([im for p in batch for im in (p.img0, p.img1)], np.random.default_rng(0))
                 for i, p in enumerate(batch):
                     p.sty0, p.sty1 = styled[2 * i], styled[2 * i + 1]
-            with Cpu(cost, "encode"):
+            with cpu_seconds(cost, "encode"):
                 for p in batch:
                     writer.write(p)
             done.extend(batch)
@@ -137,7 +125,7 @@ def run_reference(renderer: PairRenderer, done: list, size: int) -> float:
             background = renderer._load(bgs[(meta["background"]["file_name"], meta["background"]["id"])])
             segs = [by_id[s["id"]] for s in meta["segments"]]
             cells = [tuple(int(v) for v in s["cell"]) for s in meta["segments"]]
-            with Cpu(cpu, "ref"):
+            with cpu_seconds(cpu, "ref"):
                 masks = [index.decode_mask(s) for s in segs]
                 reference_pair(np.random.default_rng(n), source, background, masks, tmp, f"p{n}", size, cells,
                                meta["segments"])

@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from segswap.core.cputime import cpu_seconds
 from segswap.core.images import BadImage, load_rgb, resize_rgb
 from segswap.segments.base import ImageRecord
 from segswap.segments.coco import SegmentIndex
@@ -173,13 +173,8 @@ class PairRenderer:
         # CPU seconds (user + sys of this process) per stage of render_pair, summed over calls.
         self.stage_cpu: Counter = Counter()
 
-    @contextmanager
     def _stage(self, name: str):
-        t = time.process_time()
-        try:
-            yield
-        finally:
-            self.stage_cpu[name] += time.process_time() - t
+        return cpu_seconds(self.stage_cpu, name)
 
     # ------------------------------------------------------------------------------ helpers
 

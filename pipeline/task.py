@@ -25,6 +25,7 @@ from collections import Counter
 
 import numpy as np
 
+from segswap.core.cputime import cpu_seconds
 from segswap.core.logs import collect_example
 from segswap.core.ray_driver import raise_if_interrupted
 from segswap.shards.format import SHARD_PATTERN, sample_key
@@ -149,17 +150,15 @@ def _generate_shard(job: dict, shard_id: int) -> dict:
                 batch.append(pair)
             if styliser is not None and batch:
                 images = [im for p in batch for im in (p.img0, p.img1)]
-                t = time.process_time()
-                styled, infos = styliser.stylise(images, style_rng)
-                stages["style"] += time.process_time() - t
+                with cpu_seconds(stages, "style"):
+                    styled, infos = styliser.stylise(images, style_rng)
                 for i, p in enumerate(batch):
                     p.sty0, p.sty1 = styled[2 * i], styled[2 * i + 1]
                     p.meta["style"] = [infos[2 * i], infos[2 * i + 1]]
-            t = time.process_time()
-            for p in batch:
-                writer.write(p)
-                written += 1
-            stages["encode"] += time.process_time() - t
+            with cpu_seconds(stages, "encode"):
+                for p in batch:
+                    writer.write(p)
+                    written += 1
         if written == 0:
             raise ShardFailed(shard_id, attempts, dict(skips), examples)
     if written < n_pairs:
