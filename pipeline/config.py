@@ -18,11 +18,11 @@ import re
 from segswap.core.cli import WORKERS_HELP, add_version, hide_rarely_used
 from segswap.core.config import ConfigError, load_config, set_path
 from segswap.nets.device import available_cpus
-from segswap.pipeline.blend import DEFAULT_BLEND
+from segswap.pipeline.blend import BLEND_METHODS, DEFAULT_BLEND
 from segswap.pipeline.style import STYLE_CHOICES
 
 SEGMENT_SOURCES = ("coco", "unsupervised")
-BLEND_CHOICES = ("multigrid", "pyamg", "cv2", "none")  # blend.BLEND_METHODS less the test-only direct solve
+BLEND_CHOICES = tuple(m for m in BLEND_METHODS if m != "direct")  # the direct solve is the tests' reference
 
 # The default run (`segswap-gen --out data/pairs`) on the embedded corpus: 8 shards x 16 pairs at
 # 480x480 takes about two minutes on 2 cores (benchmarks/bench_gen.py measures the rate) and is
