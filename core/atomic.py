@@ -24,6 +24,18 @@ def temp_name(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
+def _renamed_on_success(tmp: str, path: str | os.PathLike):
+    """``tmp`` becomes ``path`` when the block succeeds, and is removed when it raises."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False, **open_kwargs):
     """``with atomic_open(path, "wb") as f: ...``: written to :func:`temp_name`, renamed on success.
 
@@ -32,17 +44,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False
     if not any(c in mode for c in "wx"):
         raise ValueError(f"atomic_open writes; mode {mode!r} has no 'w'")
     tmp = temp_name(path)
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with _renamed_on_success(tmp, path), open(tmp, mode, **open_kwargs) as f:
+        yield f
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = False) -> None:
@@ -67,7 +73,7 @@ def atomic_save(path: str | os.PathLike, save, *, fsync: bool = False) -> None:
     for savers that pick the format from it.
     """
     tmp = temp_name(path) + os.path.splitext(os.fspath(path))[1]
-    try:
+    with _renamed_on_success(tmp, path):
         save(tmp)
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
@@ -75,8 +81,3 @@ def atomic_save(path: str | os.PathLike, save, *, fsync: bool = False) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
