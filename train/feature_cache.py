@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segswap.core.atomic import atomic_save, atomic_write_json
 from segswap.shards.format import Pair
 from segswap.shards.reader import iter_pairs, shard_urls
 from segswap.train.augment import PairAugmenter, resize_square
@@ -111,27 +112,27 @@ def build_cache(folder: str, urls, model, image_size: int, backbone: str, backbo
         raise FeatureCacheError(f"{folder}: the shards repeat pair keys; the cache indexes pairs by key")
     grid = image_size // 16
     channels = int(model.backbone.channels)
-    tmp = os.path.join(folder, FEATURES + ".tmp.npy")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, channels, grid, grid))
     images = [resize_square(getattr(p, v), image_size) for p in pairs for v in VIEWS if getattr(p, v) is not None]
     log.info("feature cache %s: computing %s features of %d images (%d pairs) at %d px", folder, backbone,
              len(images), len(pairs), image_size)
-    next_report = n // 10
-    for i in range(0, n, batch_size):
-        batch = torch.from_numpy(np.stack(images[i:i + batch_size])).to(device)
-        store[i:i + len(batch)] = model.features(batch).float().cpu().numpy().astype(np.float16)
-        if i + len(batch) >= next_report and i + len(batch) < n:  # a line per tenth: this can take minutes
-            log.info("feature cache: %d / %d images", i + len(batch), n)
-            next_report += max(1, n // 10)
-    store.flush()
-    del store
-    os.replace(tmp, os.path.join(folder, FEATURES))
+
+    def write_features(tmp: str) -> None:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, channels, grid, grid))
+        next_report = n // 10
+        for i in range(0, n, batch_size):
+            batch = torch.from_numpy(np.stack(images[i:i + batch_size])).to(device)
+            store[i:i + len(batch)] = model.features(batch).float().cpu().numpy().astype(np.float16)
+            if i + len(batch) >= next_report and i + len(batch) < n:  # a line per tenth: this can take minutes
+                log.info("feature cache: %d / %d images", i + len(batch), n)
+                next_report += max(1, n // 10)
+        store.flush()
+        del store
+
+    # Features first, the metadata last: a folder with cache.json always holds its features.
+    atomic_save(os.path.join(folder, FEATURES), write_features)
     meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **identity, "channels": channels, "grid": grid,
             "n_rows": n, "rows": rows}
-    tmp_meta = os.path.join(folder, META + ".tmp")
-    with open(tmp_meta, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp_meta, os.path.join(folder, META))
+    atomic_write_json(os.path.join(folder, META), meta, indent=None)
     return meta
 
 
