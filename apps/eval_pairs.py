@@ -35,6 +35,7 @@ import torch
 
 from segswap.apps.images import IMAGE_EXTENSIONS, BadImage, read_rgb, resize_rgb
 from segswap.apps.pairs import run_head
+from segswap.core.images import write_png
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +385,4 @@ def write_pair_sheet(path: str, item: dict, preds: dict, networks) -> None:
     names = ([networks.name] if networks.has_head else []) + ["mnn"]
     rows += [render({"images": item["images"], **{k: preds[n][k] for k in ("mask0", "mask1", "flow01")}})
              for n in names]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, np.concatenate(rows, 0)[..., ::-1]):
-        raise OSError(f"{path}: cannot write the PNG")
-    os.replace(tmp, path)
+    write_png(path, np.concatenate(rows, 0))
