@@ -27,6 +27,7 @@ import re
 
 import torch
 
+from segswap.core.atomic import atomic_save
 from segswap.nets.backbones import bare_backbone
 from segswap.nets.resnet import SEGSWAP_SEQUENTIAL_NAMES, ResNet50Conv4
 from segswap.train.model import CoSegModel, build_head
@@ -44,19 +45,13 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     try:
-        torch.save({"format": FORMAT_NAME, "version": FORMAT_VERSION, **state}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # nothing partial is left, under the final name or the temporary one
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError):
-            # torch reports a full disk as RuntimeError ("... file write failed"): name the file
-            raise CheckpointError(f"{path}: cannot save checkpoint ({type(e).__name__}: {e})") from e
-        raise
+        # Nothing partial is left, under the final name or the temporary one.
+        atomic_save(path, lambda tmp: torch.save({"format": FORMAT_NAME, "version": FORMAT_VERSION, **state}, tmp),
+                    fsync=True)
+    except (OSError, RuntimeError) as e:
+        # torch reports a full disk as RuntimeError ("... file write failed"): name the file
+        raise CheckpointError(f"{path}: cannot save checkpoint ({type(e).__name__}: {e})") from e
 
 
 def read_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
