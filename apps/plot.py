@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from segswap.core.atomic import atomic_save
 from segswap.core.cli import EXIT_USAGE, add_version
 
 LOSS_PREFIX = "loss/"
@@ -107,10 +108,10 @@ def plot_run(run_dir: str, out: str, title: str | None = None) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(title or os.path.basename(os.path.abspath(run_dir)))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_save(out, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
     return out
 
 
