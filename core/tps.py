@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from numba import njit
 
 DEFAULT_JITTER = 0.25
 DEFAULT_POINTS_PER_SIDE = (4, 6)
 
 
 def _kernel(d2: np.ndarray) -> np.ndarray:
-    """TPS radial basis U(r) = r^2 log r^2 (with U(0) = 0), from squared distances."""
+    """TPS radial basis U(r) = r^2 log r^2 (with U(0) = 0), from squared distances (for the fit; the
+    compiled loops below evaluate it point by point)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         out = d2 * np.log(d2)
     return np.where(d2 > 0, out, 0.0)
@@ -60,64 +62,103 @@ class ThinPlateSpline:
         self._w, self._a = sol[:n], sol[n:]  # kernel weights [n, 2], affine [3, 2]
         self._c = c
 
+    def _normalised(self, pts: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray((np.asarray(pts, np.float64).reshape(-1, 2) - self._shift) / self._scale)
+
     def __call__(self, pts: np.ndarray) -> np.ndarray:
         pts = np.asarray(pts, np.float64)
-        shape = pts.shape
-        p = (pts.reshape(-1, 2) - self._shift) / self._scale
-        out = np.empty_like(p)
-        for s in range(0, len(p), 65536):  # chunks bound the [N, n] kernel matrix
-            q = p[s:s + 65536]
-            d2 = (q[:, 0:1] - self._c[:, 0]) ** 2 + (q[:, 1:2] - self._c[:, 1]) ** 2
-            out[s:s + 65536] = self._a[0] + q @ self._a[1:] + _kernel(d2) @ self._w
-        return out.reshape(shape)
+        out = np.empty((pts.size // 2, 2))
+        _evaluate(self._normalised(pts), self._c, self._a, self._w, out)
+        return out.reshape(pts.shape)
 
     def jacobian(self, pts: np.ndarray) -> np.ndarray:
         """[..., 2, 2] with J[..., i, j] = d f_i / d p_j."""
         pts = np.asarray(pts, np.float64)
-        p = (pts.reshape(-1, 2) - self._shift) / self._scale
-        jac = np.empty((len(p), 2, 2))
-        for s in range(0, len(p), 65536):
-            q = p[s:s + 65536]
-            diff = q[:, None, :] - self._c[None, :, :]  # [N, n, 2]
-            d2 = diff[..., 0] ** 2 + diff[..., 1] ** 2
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g = np.where(d2 > 0, 2.0 * (np.log(d2) + 1.0), 0.0)  # dU/d(p_j) = g * diff_j
-            # J_ij = A[1 + j, i] + sum_n w[n, i] * g[n] * diff[n, j], then undo the input scaling.
-            for j in range(2):
-                jac[s:s + 65536, :, j] = (self._a[1 + j] + (g * diff[..., j]) @ self._w) / self._scale
+        jac = np.empty((pts.size // 2, 2, 2))
+        _jacobian(self._normalised(pts), self._c, self._a, self._w, self._scale, jac)
         return jac.reshape(pts.shape[:-1] + (2, 2))
 
     def inverse(self, pts: np.ndarray, *, tol: float = 1e-4, max_iter: int = 30) -> np.ndarray:
         """Solve ``f(p) = q`` for every q in ``pts``; NaN where Newton does not reach ``tol``."""
-        q = np.asarray(pts, np.float64)
-        shape = q.shape
-        q = q.reshape(-1, 2)
-        p = q - (self(q) - q)  # first-order guess: f is the identity plus a small displacement
-        active = np.arange(len(q))
-        for _ in range(max_iter):
-            if not len(active):
+        q = np.ascontiguousarray(np.asarray(pts, np.float64).reshape(-1, 2))
+        p = np.empty_like(q)
+        _inverse(q, self._shift, self._scale, self._c, self._a, self._w, tol, max_iter, p)
+        return p.reshape(np.shape(pts))
+
+
+# The spline's loops, compiled (numba, cached next to this file): one pass over the control points per
+# point, where numpy built [points, controls, 2] temporaries; the Newton inverse runs each point to its
+# own convergence. The spline was most of a paste's geometry (~10 ms a pair, 3 ms now: bench_gen.py).
+
+@njit(cache=True, inline="always")
+def _value_and_jacobian(x, y, c, a, w, with_jacobian):
+    """f and (if asked) d f / d p at one normalised point: (fx, fy, jxx, jxy, jyx, jyy)."""
+    fx = a[0, 0] + x * a[1, 0] + y * a[2, 0]
+    fy = a[0, 1] + x * a[1, 1] + y * a[2, 1]
+    jxx, jxy, jyx, jyy = a[1, 0], a[2, 0], a[1, 1], a[2, 1]
+    for i in range(c.shape[0]):
+        dx, dy = x - c[i, 0], y - c[i, 1]
+        d2 = dx * dx + dy * dy
+        if d2 > 0.0:
+            log_d2 = np.log(d2)
+            u = d2 * log_d2  # U(r) = r^2 log r^2
+            fx += w[i, 0] * u
+            fy += w[i, 1] * u
+            if with_jacobian:
+                g = 2.0 * (log_d2 + 1.0)  # dU/dp_j = g * (p - c)_j
+                jxx += w[i, 0] * g * dx
+                jxy += w[i, 0] * g * dy
+                jyx += w[i, 1] * g * dx
+                jyy += w[i, 1] * g * dy
+    return fx, fy, jxx, jxy, jyx, jyy
+
+
+@njit(cache=True)
+def _evaluate(p, c, a, w, out):
+    for k in range(p.shape[0]):
+        fx, fy, _, _, _, _ = _value_and_jacobian(p[k, 0], p[k, 1], c, a, w, False)
+        out[k, 0], out[k, 1] = fx, fy
+
+
+@njit(cache=True)
+def _jacobian(p, c, a, w, scale, jac):
+    for k in range(p.shape[0]):
+        _, _, jxx, jxy, jyx, jyy = _value_and_jacobian(p[k, 0], p[k, 1], c, a, w, True)
+        jac[k, 0, 0], jac[k, 0, 1], jac[k, 1, 0], jac[k, 1, 1] = jxx / scale, jxy / scale, jyx / scale, jyy / scale
+
+
+@njit(cache=True)
+def _inverse(q, shift, scale, c, a, w, tol, max_iter, out):
+    """Newton on f(p) = q from the first-order guess q - (f(q) - q), steps damped to 8 pixels."""
+    for k in range(q.shape[0]):
+        qx, qy = q[k, 0], q[k, 1]
+        fx, fy, _, _, _, _ = _value_and_jacobian((qx - shift[0]) / scale, (qy - shift[1]) / scale, c, a, w, False)
+        px, py = qx - (fx - qx), qy - (fy - qy)
+        converged = False
+        for _ in range(max_iter + 1):
+            fx, fy, jxx, jxy, jyx, jyy = _value_and_jacobian((px - shift[0]) / scale, (py - shift[1]) / scale,
+                                                             c, a, w, True)
+            rx, ry = fx - qx, fy - qy
+            if np.hypot(rx, ry) < tol:
+                converged = True
                 break
-            pa = p[active]
-            r = self(pa) - q[active]
-            done = np.hypot(r[:, 0], r[:, 1]) < tol
-            active, pa, r = active[~done], pa[~done], r[~done]
-            if not len(active):
-                break
-            jac = self.jacobian(pa)
-            det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-            det = np.where(np.abs(det) < 1e-12, 1e-12, det)
-            dx = (jac[:, 1, 1] * r[:, 0] - jac[:, 0, 1] * r[:, 1]) / det
-            dy = (-jac[:, 1, 0] * r[:, 0] + jac[:, 0, 0] * r[:, 1]) / det
-            step = np.stack([dx, dy], 1)
-            # Damp steps larger than a few pixels (far outside the warped region the map is wild).
-            norm = np.hypot(step[:, 0], step[:, 1])[:, None]
-            step = np.where(norm > 8.0, step * (8.0 / np.maximum(norm, 1e-12)), step)
-            p[active] = pa - step
-        else:
-            r = self(p[active]) - q[active]
-            bad = np.hypot(r[:, 0], r[:, 1]) >= tol
-            p[active[bad]] = np.nan
-        return p.reshape(shape)
+            jxx, jxy, jyx, jyy = jxx / scale, jxy / scale, jyx / scale, jyy / scale
+            det = jxx * jyy - jxy * jyx
+            if abs(det) < 1e-12:
+                det = 1e-12
+            sx = (jyy * rx - jxy * ry) / det
+            sy = (-jyx * rx + jxx * ry) / det
+            norm = np.hypot(sx, sy)
+            if norm > 8.0:  # far outside the warped region the map is wild
+                sx, sy = sx * (8.0 / norm), sy * (8.0 / norm)
+            px, py = px - sx, py - sy
+        out[k, 0], out[k, 1] = (px, py) if converged else (np.nan, np.nan)
+
+
+def load_kernels() -> None:
+    """Compile (first use on a machine) or load (cached) the spline's kernels on a tiny warp."""
+    spline = ThinPlateSpline(grid_controls(0, 0, 8, 8, 3), grid_controls(0, 0, 8, 8, 3) + 0.5)
+    spline.inverse(spline(spline.jacobian(np.ones((2, 2)))[:, 0]))
 
 
 def grid_controls(x0: float, y0: float, x1: float, y1: float, per_side: int) -> np.ndarray:

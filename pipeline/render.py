@@ -31,6 +31,7 @@ from threadpoolctl import ThreadpoolController
 
 from segswap.core.cputime import cpu_seconds
 from segswap.core.images import BadImage, load_rgb, resize_rgb
+from segswap.core.tps import load_kernels as load_tps_kernels
 from segswap.segments.base import ImageRecord
 from segswap.segments.coco import SegmentIndex
 from segswap.shards.format import DEFAULT_FLOW_STRIDE, FORMAT_VERSION, MIN_MASK_CELLS, RENDERER_VERSION, Pair
@@ -139,9 +140,10 @@ class PairRenderer:
         self.size = int(size)
         self.blend = blend
         self.gradients = gradients
+        # Load (or, on a machine's first run, compile) the numba kernels now, so a worker's set-up holds
+        # that cost instead of its first pair.
+        load_tps_kernels()
         if blend == "multigrid":
-            # Import numba and load (or, on a machine's first run, compile) the solver's kernels now,
-            # so a worker's set-up holds that cost instead of its first pair.
             from .poisson import load_kernels
 
             load_kernels()
