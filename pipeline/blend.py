@@ -120,7 +120,7 @@ def poisson_blend(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, *, gradien
         deg, b = grid_system(src, dst, mask, gradients)
         # From src: with normal gradients the solution is src plus a harmonic correction, so the
         # error starts smooth, which multigrid removes fastest.
-        x, _ = solve_poisson(mask, deg, b, src.astype(np.float64), tol=tol)
+        x, _ = solve_poisson(mask, deg, b, src, tol=tol)
         values = x[mask]  # row-major, the order of poisson_system's unknowns
     else:
         A, b, _ = poisson_system(src, dst, mask, gradients)

@@ -344,20 +344,30 @@ class _Multigrid:
         self.x, self.b, self.res = np.zeros(o3[-1]), np.zeros(o3[-1]), np.zeros(o3[-1])
 
 
+@njit(cache=True)
+def _channels_first(mask, x0, b, x, rhs):
+    """x, rhs [C, H+2, W+2] = x0, b [H, W, C] on Ω, zero elsewhere (x0 of any numeric type)."""
+    h, w, nc = b.shape
+    for i in range(h):
+        for j in range(w):
+            if mask[i, j]:
+                for c in range(nc):
+                    x[c, i + 1, j + 1] = x0[i, j, c]
+                    rhs[c, i + 1, j + 1] = b[i, j, c]
+
+
 def solve_poisson(mask: np.ndarray, deg: np.ndarray, b: np.ndarray, x0: np.ndarray, *, tol: float,
                   maxiter: int = 200) -> tuple[np.ndarray, int]:
     """Solve the equation above (``deg``, ``b`` from :func:`grid_system`) for every channel of ``b``
-    [H, W, C], from ``x0`` [H, W, C], to ``|b - A x| <= tol |b|`` per channel; returns (x [H, W, C],
-    iterations). ``mask`` must leave at least one pixel of the image out (else A is singular)."""
+    [H, W, C], from ``x0`` [H, W, C] (any numeric type), to ``|b - A x| <= tol |b|`` per channel;
+    returns (x [H, W, C], iterations). ``mask`` must leave at least one pixel of the image out (else A is singular)."""
     mask = np.ascontiguousarray(mask, dtype=np.bool_)
     h, w, nc = b.shape
     mg = _Multigrid(mask, np.ascontiguousarray(deg, dtype=np.float64), nc)
-    inside = mask[..., None]
     # Channel-first with a zero frame: the loops run over contiguous rows. The loops never write
     # the frame, so every vector starts at zero.
     x, rhs = np.zeros((nc, h + 2, w + 2)), np.zeros((nc, h + 2, w + 2))
-    x[:, 1:-1, 1:-1] = np.moveaxis(np.where(inside, x0, 0.0), 2, 0)
-    rhs[:, 1:-1, 1:-1] = np.moveaxis(np.where(inside, b, 0.0), 2, 0)
+    _channels_first(mask, np.ascontiguousarray(x0), np.ascontiguousarray(b), x, rhs)
     limit = np.empty(nc)
     _dot(rhs, rhs, limit)
     limit = tol * tol * np.maximum(limit, 1e-300)
@@ -376,4 +386,4 @@ def load_kernels() -> None:
     mask = np.zeros((12, 12), bool)
     mask[3:9, 2:10] = True
     deg, b = grid_system(src, dst, mask)  # "mixed" is a run-time flag of the same compiled loop
-    solve_poisson(mask, deg, b, src.astype(np.float64), tol=1e-6)
+    solve_poisson(mask, deg, b, src, tol=1e-6)  # uint8 src, as poisson_blend passes it
