@@ -3,6 +3,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from onnx import numpy_helper
 
 from segswap.nets.magenta import (
     MULTISTYLE_MODEL,
@@ -12,7 +13,13 @@ from segswap.nets.magenta import (
     MagentaNetworks,
     default_model_dir,
 )
-from segswap.nets.magenta_graphs import dynamic_batch, fused_instance_norm
+from segswap.nets.magenta_graphs import (
+    dynamic_batch,
+    fused_instance_norm,
+    phase_conv_weights,
+    subpixel_convolutions,
+    upsampled_conv_weights,
+)
 from segswap.pipeline.style import build_styliser
 
 
@@ -99,6 +106,77 @@ def test_fused_instance_norm_equals_the_shipped_graph():
 def test_fused_instance_norm_refuses_graphs_without_one():
     with pytest.raises(ValueError, match="no decomposed instance norm"):
         fused_instance_norm(_shipped(PREDICT_MODEL)[1])
+
+
+def test_subpixel_convolutions_equal_the_shipped_graph():
+    """The two upsampling stages and the last 9x9 convolution become half-resolution convolutions plus
+    DepthToSpace, on top of the fused norms; odd and even sizes, one style and a mix."""
+    raw, model = _shipped(MULTISTYLE_MODEL)
+    edited = subpixel_convolutions(fused_instance_norm(model))
+    ops = [n.op_type for n in edited.graph.node]
+    assert ops.count("DepthToSpace") == 3 and ops.count("SpaceToDepth") == 1 and "Resize" not in ops
+    shipped, fast = _session(raw), _session(edited)
+    rng = np.random.default_rng(2)
+    for h, w, mix in ((64, 96, False), (100, 52, True), (36, 44, True)):
+        weights = rng.dirichlet(np.ones(26)).astype(np.float32) if mix else np.eye(26, dtype=np.float32)[7]
+        feed = {"image": rng.random((1, 3, h, w), dtype=np.float32), "style_weights": weights}
+        np.testing.assert_allclose(fast.run(None, feed)[0], shipped.run(None, feed)[0], atol=3e-5)
+
+
+def test_subpixel_weights_compute_the_same_convolution():
+    """Checked in numpy, away from any graph: upsample-then-convolve and convolve-on-phases agree."""
+    from scipy.signal import correlate
+
+    rng = np.random.default_rng(3)
+
+    def conv(x, w):  # [C, H, W] valid cross-correlation with [O, C, k, k]
+        return np.stack([sum(correlate(x[c], w[o, c], mode="valid") for c in range(len(x))) for o in range(len(w))])
+
+    def depth_to_space(y):  # CRD order: channel 4 o + 2 a + b -> pixel (2 Y + a, 2 X + b)
+        o, h, w = y.shape[0] // 4, y.shape[1], y.shape[2]
+        return y.reshape(o, 2, 2, h, w).transpose(0, 3, 1, 4, 2).reshape(o, 2 * h, 2 * w)
+
+    def space_to_depth(x):  # channel (2 t + t') C + c <- pixel (2 i + t, 2 j + t')
+        c, h, w = x.shape
+        return x.reshape(c, h // 2, 2, w // 2, 2).transpose(2, 4, 0, 1, 3).reshape(4 * c, h // 2, w // 2)
+
+    low, w3 = rng.random((5, 7, 6)), rng.normal(size=(4, 5, 3, 3))
+    up = np.pad(low.repeat(2, 1).repeat(2, 2), ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    edge = np.pad(low, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    np.testing.assert_allclose(depth_to_space(conv(edge, upsampled_conv_weights(w3))), conv(up, w3), atol=1e-9)
+
+    x, w9 = rng.random((4, 14, 12)), rng.normal(size=(3, 4, 9, 9))
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4)), mode="reflect")
+    np.testing.assert_allclose(depth_to_space(conv(space_to_depth(padded), phase_conv_weights(w9))),
+                               conv(padded, w9), atol=1e-9)
+
+
+def test_subpixel_convolutions_refuse_graphs_without_one():
+    with pytest.raises(ValueError, match="no convolution with few output channels"):
+        subpixel_convolutions(_shipped(PREDICT_MODEL)[1])
+
+
+def test_an_edit_that_changes_the_output_falls_back_to_the_shipped_graph(monkeypatch, caplog, photo):
+    """The load-time check: a (simulated) wrong edit is caught, logged, and the shipped graph runs."""
+    from segswap.nets import magenta_graphs
+
+    def wrong(model):
+        model = fused_instance_norm(model)
+        for init in model.graph.initializer:
+            if init.name == "expand.2.w":
+                # mirrored kernels (a scaled one would not do: the instance norm after it undoes a scale)
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[..., ::-1].copy(), init.name))
+        return model
+
+    monkeypatch.setattr(magenta_graphs, "fused_instance_norm", wrong)
+    weights = np.eye(26, dtype=np.float32)[4]
+    with caplog.at_level("WARNING"):
+        got = MagentaNetworks().multistyle(photo, weights)
+    assert "differs from the shipped one" in caplog.text
+    monkeypatch.undo()
+    x = np.ascontiguousarray((photo.astype(np.float32) / 255).transpose(2, 0, 1)[None])
+    want = _session(_shipped(MULTISTYLE_MODEL)[0]).run(None, {"image": x, "style_weights": weights})[0][0]
+    np.testing.assert_array_equal(got, (np.clip(want.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8))
 
 
 def test_transfer_moves_colour_statistics_toward_the_style(networks, photo, style_dir):
