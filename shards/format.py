@@ -67,9 +67,12 @@ import cv2
 import numpy as np
 
 FORMAT_VERSION = 1
-RENDERER_VERSION = 3  # json renderer_version; 2: Magenta built-in styles at 2/3 scale, pyamg forward/backward smoothing;
+RENDERER_VERSION = 4  # json renderer_version; 2: Magenta built-in styles at 2/3 scale, pyamg forward/backward smoothing;
 # 3: the default blend is the numba multigrid solver (pipeline/poisson.py) at tol 1e-6, which rounds a few pixels
-# differently, and the mask PNGs are written without row filters (the same pixels, other bytes)
+# differently, and the mask PNGs are written without row filters (the same pixels, other bytes);
+# 4: the Magenta 26-style graph runs edited (fused instance norms, sub-pixel convolutions: the same sums in another
+# order, so a stylised pixel can round one level the other way), and the TPS and its inverse are compiled loops
+# (the same values to ~1e-12 px, which can move a flow's last bit)
 SHARD_PATTERN = "train-%06d.tar"
 DEFAULT_FLOW_STRIDE = 4
 JPEG_QUALITY = 95
