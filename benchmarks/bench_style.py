@@ -10,8 +10,11 @@ Prints:
    - adain (random He-initialised weights in the public layout: timing only), paintings cached,
    each with batch_size 1 (one stylise() call per image) and 8 (one call per 8 images), after one
    warm-up call, and the batch-8 / batch-1 speed ratio;
-2. the share of pair-generation time spent in style: ``segswap-gen`` in-process on the embedded corpus
-   (--segments coco, pyamg blending), PAIRS pairs in one shard, with --style none vs each styliser,
+2. the 26-style network alone (one onnxruntime thread) on a 2/3 x SIZE image (the default work size),
+   as shipped and after each load-time edit of ``nets/magenta_graphs.py``, CPU-s per image side by
+   side (interleaved, best of 5 rounds), the ratio to the shipped graph and the largest output change;
+3. the share of pair-generation time spent in style: ``segswap-gen`` in-process on the embedded corpus
+   (--segments coco, the default blend), PAIRS pairs in one shard, with --style none vs each styliser,
    share = (t_style - t_none) / t_style (model loading included, once per run).
 """
 from __future__ import annotations
@@ -90,6 +93,39 @@ def bench_throughput(n: int, size: int, paintings: Path, weights: Path) -> None:
               f"{c8:.4f} CPU-s/image; batch 8 / batch 1 speed = {r8 / r1:.2f} (load {os.getloadavg()[0]:.1f})")
 
 
+def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from segswap.nets.magenta import MULTISTYLE_MODEL, default_model_dir
+    from segswap.nets.magenta_graphs import fused_instance_norm, subpixel_convolutions
+
+    work = round(size * 2 / 3) // 4 * 4
+    print(f"== the 26-style network alone at {work}x{work} (work scale 2/3 of {size}), CPU-s per image")
+    raw = (default_model_dir() / MULTISTYLE_MODEL).read_bytes()
+    fused = fused_instance_norm(onnx.load_model_from_string(raw))
+    graphs = {"shipped": raw, "fused norms": fused.SerializeToString(),
+              "fused + sub-pixel": subpixel_convolutions(fused).SerializeToString()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+    sessions = {k: ort.InferenceSession(v, opts, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
+    image = content_images(1, work)[0]
+    feed = {"image": np.ascontiguousarray((image.astype(np.float32) / 255).transpose(2, 0, 1)[None]),
+            "style_weights": np.eye(26, dtype=np.float32)[5]}
+    outputs = {k: s.run(None, feed)[0] for k, s in sessions.items()}  # warm-up
+    best = dict.fromkeys(sessions, float("inf"))
+    for _ in range(rounds):  # interleaved, so a drift of the machine's load hits every graph alike
+        for name, sess in sessions.items():
+            cpu = time.process_time()
+            for _ in range(calls):
+                sess.run(None, feed)
+            best[name] = min(best[name], (time.process_time() - cpu) / calls)
+    for name in sessions:
+        change = float(np.abs(outputs[name] - outputs["shipped"]).max())
+        print(f"{name:>20}: {best[name]:.4f} CPU-s/image, {best[name] / best['shipped']:.2f}x shipped, "
+              f"max |output - shipped| {change:.1e} (load {os.getloadavg()[0]:.1f})")
+
+
 def bench_share(pairs: int, size: int, paintings: Path, weights: Path) -> None:
     from segswap.pipeline.config import get_parser, resolve
     from segswap.pipeline.run import generate
@@ -99,12 +135,15 @@ def bench_share(pairs: int, size: int, paintings: Path, weights: Path) -> None:
             "magenta paintings": ["--style", "magenta", "--style-images", str(paintings)],
             "adain paintings": ["--style", "adain", "--style-images", str(paintings), "--adain-weights", str(weights)]}
     times = {}
-    for name, flags in runs.items():
+    # A first, unmeasured run takes the one-off costs (numba kernels, lazy imports) off the first setting.
+    for name, flags in [("warm-up", []), *runs.items()]:
         with tempfile.TemporaryDirectory() as out:
             cfg = resolve(vars(get_parser().parse_args([
                 "--segments", "coco", "--out", out, "--num-shards", "1", "--pairs-per-shard", str(pairs),
                 "--size", str(size), "--workers", "0", "--seed", "0", *flags])))
             summary = generate(cfg)
+        if name == "warm-up":
+            continue
         times[name] = summary["generation_time_s"]
         line = f"{name:>18}: {summary['pairs_written']} pairs in {times[name]:.1f} s ({times[name] / pairs:.2f} s/pair)"
         if name != "none":
@@ -128,6 +167,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paintings, weights = write_fixtures(Path(tmp))
         bench_throughput(args.images, args.size, paintings, weights)
+        bench_graph_edits(args.size)
         if not args.skip_gen:
             bench_share(args.pairs, args.size, paintings, weights)
     return 0
