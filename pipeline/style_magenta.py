@@ -148,7 +148,8 @@ class MagentaStyliser:
                  batch_size: int = DEFAULT_BATCH_SIZE, work_scale: float = DEFAULT_WORK_SCALE,
                  device: str = "cpu", threads: int | None = 1,
                  model_dir: str | os.PathLike | None = None, adain_weights: str | os.PathLike | None = None):
-        from segswap.nets.magenta import MagentaNetworks  # keeps onnxruntime out of plain imports
+        # imported here: keeps onnxruntime out of plain imports
+        from segswap.nets.magenta import MULTISTYLE_MODEL, PREDICT_MODEL, TRANSFORM_MODEL, MagentaNetworks
 
         if adain_weights is not None:
             raise ValueError("adain_weights is an option of --style adain, not of --style magenta")
@@ -159,6 +160,11 @@ class MagentaStyliser:
         self.work_scale = float(work_scale)
         self.styles = StyleImageFolder(style_images) if style_images is not None else None
         self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads)
+        # Loaded once per worker, here: set-up, not the first batch, carries the cost.
+        if self.styles is None:
+            self.networks.open(MULTISTYLE_MODEL)
+        else:
+            self.networks.open(PREDICT_MODEL, TRANSFORM_MODEL)
 
     @property
     def skipped(self) -> int:
