@@ -71,8 +71,9 @@ RENDERER_VERSION = 4  # json renderer_version; 2: Magenta built-in styles at 2/3
 # 3: the default blend is the numba multigrid solver (pipeline/poisson.py) at tol 1e-6, which rounds a few pixels
 # differently, and the mask PNGs are written without row filters (the same pixels, other bytes);
 # 4: the Magenta 26-style graph runs edited (fused instance norms, sub-pixel convolutions: the same sums in another
-# order, so a stylised pixel can round one level the other way), and the TPS and its inverse are compiled loops
-# (the same values to ~1e-12 px, which can move a flow's last bit)
+# order, so a stylised pixel can round one level the other way), the TPS and its inverse are compiled loops
+# (the same values to ~1e-12 px, which can move a flow's last bit), and the multigrid's V-cycle is float32 (the
+# same pixels on 64 benchmark pastes, but a blended pixel can round the other way)
 SHARD_PATTERN = "train-%06d.tar"
 DEFAULT_FLOW_STRIDE = 4
 JPEG_QUALITY = 95
