@@ -172,7 +172,15 @@ def fused_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
         ]
     if not replaced:
         raise ValueError("no decomposed instance norm found")
-    # Nodes stay in their order (topological): each replacement sits where its pattern's output was made.
+    _replace_nodes(graph, replaced, removed)
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), flat))
+    _drop_unused(graph)
+    return model
+
+
+def _replace_nodes(graph: onnx.GraphProto, replaced: dict, removed: set) -> None:
+    """Put ``replaced[id(node)]`` (a list of nodes) in each such node's place and drop the ``removed``
+    ones. The order stays topological: a replacement sits where its pattern's output was made."""
     new_nodes = []
     for node in graph.node:
         if id(node) in replaced:
@@ -181,8 +189,6 @@ def fused_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), flat))
-    return model
 
 
 # --- sub-pixel convolutions ------------------------------------------------------------------------
@@ -287,14 +293,7 @@ def subpixel_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
                              name=base + "/depth_to_space")]
     if not replaced:
         raise ValueError("no convolution with few output channels or behind an upsampling found")
-    new_nodes = []
-    for node in graph.node:
-        if id(node) in replaced:
-            new_nodes.extend(replaced[id(node)])
-        elif id(node) not in removed:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _replace_nodes(graph, replaced, removed)
     graph.initializer.extend(weights)
     graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), EDGE_PADS))
     _drop_unused(graph)
