@@ -110,14 +110,14 @@ def test_fused_instance_norm_refuses_graphs_without_one():
 
 def test_subpixel_convolutions_equal_the_shipped_graph():
     """The two upsampling stages and the last 9x9 convolution become half-resolution convolutions plus
-    DepthToSpace, on top of the fused norms; odd and even sizes, one style and a mix."""
+    DepthToSpace, on top of the fused norms; sizes down to the smallest the styliser runs, one style and a mix."""
     raw, model = _shipped(MULTISTYLE_MODEL)
     edited = subpixel_convolutions(fused_instance_norm(model))
     ops = [n.op_type for n in edited.graph.node]
     assert ops.count("DepthToSpace") == 3 and ops.count("SpaceToDepth") == 1 and "Resize" not in ops
     shipped, fast = _session(raw), _session(edited)
     rng = np.random.default_rng(2)
-    for h, w, mix in ((64, 96, False), (100, 52, True), (36, 44, True)):
+    for h, w, mix in ((64, 96, False), (100, 52, True), (36, 44, True), (8, 12, False)):  # 8: the smallest
         weights = rng.dirichlet(np.ones(26)).astype(np.float32) if mix else np.eye(26, dtype=np.float32)[7]
         feed = {"image": rng.random((1, 3, h, w), dtype=np.float32), "style_weights": weights}
         np.testing.assert_allclose(fast.run(None, feed)[0], shipped.run(None, feed)[0], atol=3e-5)
