@@ -84,9 +84,12 @@ def test_dynamic_batch_graph_equals_the_shipped_graph():
         np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
 
 
-def test_dynamic_batch_refuses_other_graphs():
+def test_dynamic_batch_refuses_other_graphs_and_leaves_them_unchanged():
+    _, model = _shipped(MULTISTYLE_MODEL)
+    before = model.SerializeToString()
     with pytest.raises(ValueError):
-        dynamic_batch(_shipped(MULTISTYLE_MODEL)[1])
+        dynamic_batch(model)
+    assert model.SerializeToString() == before  # the caller runs it as it is
 
 
 def test_fused_instance_norm_equals_the_shipped_graph():
