@@ -51,6 +51,7 @@ DEFAULTS = {
     "style_strength": None,         # "LO:HI" (default: the styliser's own)
     "style_batch": 8,               # pairs rendered, then stylised together
     "style_device": None,           # "cpu", "cuda", "cuda:N" (None: the styliser's own default)
+    "style_scale": None,            # magenta built-in styles: the scale the network runs at (None: 2/3)
     # how this invocation runs
     "out": "data/pairs",
     "num_shards": 8,
@@ -104,6 +105,9 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
     sty.add_argument("--style-batch", type=int, metavar="N", help=f"pairs stylised together (default {DEFAULTS['style_batch']})")
     sty.add_argument("--style-device", metavar="DEV", help="where the styliser runs: adain cpu, auto, cuda or cuda:N "
                      "(default auto: CUDA when there is one), magenta cpu or cuda (default cpu)")
+    sty.add_argument("--style-scale", type=float, metavar="S",
+                     help="magenta's built-in styles: run the network on the image scaled by S, 0 < S <= 1 (default "
+                          "2/3; its cost goes with S^2, its strokes grow as 1/S)")
 
     run = p.add_argument_group("running")
     run.add_argument("--out", metavar="DIR", help=f"output folder (default {DEFAULTS['out']})")
@@ -202,6 +206,13 @@ def validate(cfg: dict, source: str = "options") -> dict:
         fail("style_device", "--style none runs no styliser; drop --style-device or choose a style")
     if device is not None and cfg["style"] == "magenta" and device not in ("cpu", "cuda"):
         fail("style_device", f"--style magenta runs on cpu or cuda, got {device!r}")
+    scale = cfg["style_scale"]
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            fail("style_scale", f"must be a number in (0, 1], got {scale!r}")
+        if cfg["style"] != "magenta" or cfg["style_images"]:
+            fail("style_scale", "sets the scale of --style magenta's built-in styles (the style-image "
+                                "transformer runs at its fixed 384 px, AdaIN at full size); drop it or use them")
     for key in DICT_KEYS:
         if cfg[key] is None:
             cfg[key] = {}

@@ -57,6 +57,10 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, match):
     (["--style-device", "gpu"], "cpu, auto, cuda or cuda:N"),
     (["--style", "none", "--style-device", "cpu"], "runs no styliser"),
     (["--style-device", "cuda:1"], "magenta runs on cpu or cuda"),
+    (["--style-scale", "0"], r"in \(0, 1\]"),
+    (["--style-scale", "1.5"], r"in \(0, 1\]"),
+    (["--style", "adain", "--style-scale", "0.5"], "built-in styles"),
+    (["--style-images", "paintings", "--style-scale", "0.5"], "built-in styles"),
 ])
 def test_bad_flags(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -77,3 +81,18 @@ def test_run_options_do_not_change_the_dataset_config():
     b = dataset_config(_cfg(["--no-ray", "--out", "b", "--num-shards", "99"]))
     assert a == b
     assert dataset_config(_cfg(["--seed", "1"])) != a
+
+
+def test_style_scale_reaches_the_styliser(tmp_path):
+    """--style-scale goes into the job and the dataset config (the parts of a dataset must agree on it)
+    and into the built-in styles' network; left out, the styliser keeps its default."""
+    from segswap.pipeline.run import make_job
+    from segswap.pipeline.style import build_styliser
+    from segswap.pipeline.style_magenta import DEFAULT_WORK_SCALE
+
+    default = make_job(_cfg(["--out", str(tmp_path)]), str(tmp_path / "s.json"), str(tmp_path))
+    half = make_job(_cfg(["--out", str(tmp_path), "--style-scale", "0.5"]), str(tmp_path / "s.json"), str(tmp_path))
+    assert half["styliser"]["work_scale"] == 0.5 and half["fingerprint"] != default["fingerprint"]
+    assert dataset_config(_cfg(["--style-scale", "0.5"])) != dataset_config(_cfg([]))  # parts must agree on it
+    assert build_styliser(half["style"], **half["styliser"]).work_scale == 0.5
+    assert build_styliser(default["style"], **default["styliser"]).work_scale == DEFAULT_WORK_SCALE
