@@ -7,7 +7,8 @@ shared machine (the load average is printed before each section). Everything run
 process on the default corpus (unsupervised segments of the embedded scikit-image photos, extracted once
 beforehand) with the command's defaults, and prints figures and ratios only:
 
-1. per setting (style none/magenta x blend none/cv2/multigrid, and none/pyamg, the former default),
+1. per setting (style none/magenta x blend none/cv2/multigrid, none/pyamg, the former default, and
+   magenta@0.5/multigrid, the default with ``--style-scale 0.5``),
    CPU-s per pair written and per stage:
    decode (image files, on the renderer's cache misses), segments (draws, mask decoding, resizing,
    context masks), geometry (transforms, dense warp maps),
@@ -52,8 +53,9 @@ from segswap.shards.format import sample_key  # noqa: E402
 from segswap.shards.writer import ShardWriter  # noqa: E402
 
 STAGES = (*RENDER_STAGES, "style", "encode")
+# "magenta@0.5": the built-in styles at --style-scale 0.5 (the styliser's default is 2/3).
 SETTINGS = (("none", "none"), ("none", "cv2"), ("none", "multigrid"), ("none", "pyamg"), ("magenta", "cv2"),
-            ("magenta", "multigrid"))
+            ("magenta", "multigrid"), ("magenta@0.5", "multigrid"))
 DEFAULT_SETTING = ("magenta", "multigrid")
 
 
@@ -78,7 +80,8 @@ def prepare_corpus(cache: str, images: str | None) -> list[str]:
 def run_setting(index: SegmentIndex, style: str, blend: str, pairs: int, size: int, style_batch: int, seed: int = 1):
     """Render, stylise and encode ``pairs`` pairs; returns (pairs, CPU-s per stage, pastes, attempts)."""
     renderer = PairRenderer(index, None, **{**RENDER_DEFAULTS, "blend": blend, "size": size})
-    styliser = build_styliser(style)
+    name, _, scale = style.partition("@")
+    styliser = build_styliser(name, work_scale=float(scale) if scale else None)
     for i in range(3):  # warm-up: image cache, lazy imports, ONNX session
         try:
             p = renderer.render_pair(np.random.default_rng([seed, 10 ** 6 + i]), "warm")
@@ -137,7 +140,7 @@ def bench_stages(index, pairs: int, size: int, style_batch: int) -> dict:
     header = "".join(f"{s:>13}" for s in STAGES)
     print("  /ref: total less decode (the reference is handed decoded images) over official_reference.py on the "
           "same pairs, run just after")
-    print(f"{'style/blend':>14}{header}{'total':>9}{'/ref':>7}  per paste (blend)  per image (style)  attempts")
+    print(f"{'style/blend':>22}{header}{'total':>9}{'/ref':>7}  per paste (blend)  per image (style)  attempts")
     rows, refs = {}, []
     for style, blend in SETTINGS:
         done, cost, pastes, attempts, renderer = run_setting(index, style, blend, pairs, size, style_batch)
@@ -150,10 +153,10 @@ def bench_stages(index, pairs: int, size: int, style_batch: int) -> dict:
         rows[(style, blend)] = (total, cost, n, pastes)
         cells = "".join(f"{cost[s] / n:13.4f}" for s in STAGES)
         style_img = f"{cost['style'] / (2 * n):.4f}" if style != "none" else "-"
-        print(f"{style + '/' + blend:>14}{cells}{total:9.4f}{(total - cost['decode'] / n) / ref:7.2f}  "
+        print(f"{style + '/' + blend:>22}{cells}{total:9.4f}{(total - cost['decode'] / n) / ref:7.2f}  "
               f"{cost['blend'] / pastes:.4f}"
               f"{'':12}{style_img:>8}{'':11}{attempts}")
-    print(f"{'reference':>14}{'':>{13 * len(STAGES)}}{statistics.median(refs):9.4f}{1:7.2f}  (official_reference.py, "
+    print(f"{'reference':>22}{'':>{13 * len(STAGES)}}{statistics.median(refs):9.4f}{1:7.2f}  (official_reference.py, "
           f"same images and segments; median of its {len(refs)} runs, one after each setting: "
           f"{', '.join(f'{r:.4f}' for r in refs)})")
     per_paste = {blend: rows[("none", blend)][1]["blend"] / rows[("none", blend)][3] for blend in ("cv2", "multigrid", "pyamg")}
