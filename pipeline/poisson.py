@@ -15,8 +15,8 @@ exact boundary of Ω at every level) plus a Dirichlet term for the children outs
 :func:`_coarsen`). Corrections move between levels by bilinear interpolation and its
 transpose (``R = P^T``), and the smoother is red-black Gauss-Seidel, red then black before the coarse
 correction and black then red after: every piece is symmetric, as CG needs. Why not pyamg: its
-Ruge-Stüben setup and Python-level V-cycles cost 3.3-3.4x one ``cv2.seamlessClone`` per paste, this
-solver 0.81-0.83x (``benchmarks/bench_gen.py``, docs/generation-speed.md). The kernels are compiled
+Ruge-Stüben setup and Python-level V-cycles cost 3.3-3.5x one ``cv2.seamlessClone`` per paste, this
+solver 0.81-0.87x (``benchmarks/bench_gen.py``, docs/generation-speed.md). The kernels are compiled
 once per machine and cached next to this file (numba ``cache=True``).
 
 The V-cycle runs in float32, CG in float64: a preconditioner only has to approximate the inverse,
