@@ -274,3 +274,18 @@ def test_builtin_styles_at_a_smaller_work_scale(photo, networks):
     assert np.array_equal(networks.multistyle(photo, weights, work_scale=1.0), full)
     with pytest.raises(ValueError, match="work_scale"):
         build_styliser("magenta", work_scale=0)
+
+
+def test_an_edit_that_breaks_the_graph_falls_back_to_the_shipped_graph(monkeypatch, caplog, photo):
+    from onnx import helper
+
+    from segswap.nets import magenta_graphs
+
+    def broken(model):  # the second edit, after the fused norms: a node reading a value nothing makes
+        model.graph.node.append(helper.make_node("Relu", ["no_such_value"], ["dangling"]))
+        return model
+
+    monkeypatch.setattr(magenta_graphs, "subpixel_convolutions", broken)
+    with caplog.at_level("WARNING"):
+        got = MagentaNetworks().multistyle(photo, np.eye(26, dtype=np.float32)[4])
+    assert "the edited graph does not run" in caplog.text and got.shape == photo.shape
