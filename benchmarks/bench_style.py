@@ -11,8 +11,9 @@ Prints:
    each with batch_size 1 (one stylise() call per image) and 8 (one call per 8 images), after one
    warm-up call, and the batch-8 / batch-1 speed ratio;
 2. the 26-style network alone (one onnxruntime thread) on a 2/3 x SIZE image (the default work size),
-   as shipped and after each load-time edit of ``nets/magenta_graphs.py``, CPU-s per image side by
-   side (interleaved, best of 5 rounds), the ratio to the shipped graph and the largest output change;
+   as shipped and after each load-time edit of ``nets/magenta_graphs.py``, and the style-image
+   transformer at its 384 px, batched as loaded and with its sub-pixel edit: CPU-s per image side by
+   side (interleaved, best of 5 rounds), the ratio to the unedited graph and the largest output change;
 3. the share of pair-generation time spent in style: ``segswap-gen`` in-process on the embedded corpus
    (--segments coco, the default blend), PAIRS pairs in one shard, with --style none vs each styliser,
    in process CPU time, share = (t_style - t_none) / t_style (set-up and model loading included, once
@@ -94,12 +95,29 @@ def bench_throughput(n: int, size: int, paintings: Path, weights: Path) -> None:
               f"{c8:.4f} CPU-s/image; batch 8 / batch 1 speed = {r8 / r1:.2f} (load {os.getloadavg()[0]:.1f})")
 
 
+def _interleaved(sessions: dict, feed: dict, rounds: int, calls: int, reference: str) -> None:
+    """CPU-s per call of each session (best of ``rounds``), its ratio to ``reference`` and the largest
+    output change from it."""
+    outputs = {k: s.run(None, feed)[0] for k, s in sessions.items()}  # warm-up
+    best = dict.fromkeys(sessions, float("inf"))
+    for _ in range(rounds):  # interleaved, so a drift of the machine's load hits every graph alike
+        for name, sess in sessions.items():
+            cpu = time.process_time()
+            for _ in range(calls):
+                sess.run(None, feed)
+            best[name] = min(best[name], (time.process_time() - cpu) / calls)
+    for name in sessions:
+        change = float(np.abs(outputs[name] - outputs[reference]).max())
+        print(f"{name:>20}: {best[name]:.4f} CPU-s/image, {best[name] / best[reference]:.2f}x {reference}, "
+              f"max |output - {reference}| {change:.1e} (load {os.getloadavg()[0]:.1f})")
+
+
 def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
     import onnx
     import onnxruntime as ort
 
-    from segswap.nets.magenta import MULTISTYLE_MODEL, default_model_dir
-    from segswap.nets.magenta_graphs import fused_instance_norm, subpixel_convolutions
+    from segswap.nets.magenta import MULTISTYLE_MODEL, TRANSFORM_MODEL, TRANSFORM_SIZE, default_model_dir
+    from segswap.nets.magenta_graphs import dynamic_batch, fused_instance_norm, subpixel_convolutions
 
     work = round(size * 2 / 3) // 4 * 4
     print(f"== the 26-style network alone at {work}x{work} (work scale 2/3 of {size}), CPU-s per image")
@@ -113,18 +131,18 @@ def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
     image = content_images(1, work)[0]
     feed = {"image": np.ascontiguousarray((image.astype(np.float32) / 255).transpose(2, 0, 1)[None]),
             "style_weights": np.eye(26, dtype=np.float32)[5]}
-    outputs = {k: s.run(None, feed)[0] for k, s in sessions.items()}  # warm-up
-    best = dict.fromkeys(sessions, float("inf"))
-    for _ in range(rounds):  # interleaved, so a drift of the machine's load hits every graph alike
-        for name, sess in sessions.items():
-            cpu = time.process_time()
-            for _ in range(calls):
-                sess.run(None, feed)
-            best[name] = min(best[name], (time.process_time() - cpu) / calls)
-    for name in sessions:
-        change = float(np.abs(outputs[name] - outputs["shipped"]).max())
-        print(f"{name:>20}: {best[name]:.4f} CPU-s/image, {best[name] / best['shipped']:.2f}x shipped, "
-              f"max |output - shipped| {change:.1e} (load {os.getloadavg()[0]:.1f})")
+    _interleaved(sessions, feed, rounds, calls, "shipped")
+
+    print(f"== the style-image transformer alone at {TRANSFORM_SIZE}x{TRANSFORM_SIZE}, CPU-s per image")
+    batched = dynamic_batch(onnx.load_model_from_string((default_model_dir() / TRANSFORM_MODEL).read_bytes()))
+    graphs = {"shipped (batched)": batched.SerializeToString(),
+              "sub-pixel": subpixel_convolutions(batched).SerializeToString()}
+    sessions = {k: ort.InferenceSession(v, opts, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
+    names = [i.name for i in next(iter(sessions.values())).get_inputs()]
+    rng = np.random.default_rng(0)
+    feed = dict(zip(names, [cv2.resize(image, (TRANSFORM_SIZE, TRANSFORM_SIZE))[None].astype(np.float32) / 255,
+                            rng.normal(size=(1, 1, 1, 100)).astype(np.float32)]))
+    _interleaved(sessions, feed, rounds, calls, "shipped (batched)")
 
 
 def bench_share(pairs: int, size: int, paintings: Path, weights: Path) -> None:

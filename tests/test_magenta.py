@@ -126,6 +126,24 @@ def test_subpixel_convolutions_equal_the_shipped_graph():
         np.testing.assert_allclose(fast.run(None, feed)[0], shipped.run(None, feed)[0], atol=3e-5)
 
 
+def test_subpixel_convolution_of_the_quantised_transformer_equals_its_graph():
+    """The style-image transformer's last 9x9 convolution (8 -> 3 channels, behind a reflection pad
+    and a quantise-dequantise pair, its weights dequantised constants) runs on SpaceToDepth phases,
+    batched, and gives what the batched graph gives."""
+    _, model = _shipped(TRANSFORM_MODEL)
+    batched = dynamic_batch(model)
+    plain = _session(batched)
+    edited = subpixel_convolutions(batched)
+    ops = [n.op_type for n in edited.graph.node]
+    assert ops.count("SpaceToDepth") == 1 and ops.count("DepthToSpace") == 1
+    fast = _session(edited)
+    rng = np.random.default_rng(4)
+    names = [i.name for i in plain.get_inputs()]
+    feed = dict(zip(names, [rng.random((2, 384, 384, 3), dtype=np.float32),
+                            rng.normal(size=(2, 1, 1, 100)).astype(np.float32)]))
+    np.testing.assert_allclose(fast.run(None, feed)[0], plain.run(None, feed)[0], atol=1e-5)
+
+
 def test_subpixel_weights_compute_the_same_convolution():
     """Checked in numpy, away from any graph: upsample-then-convolve and convolve-on-phases agree."""
     from scipy.signal import correlate
