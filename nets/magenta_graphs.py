@@ -157,20 +157,20 @@ def fused_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = model.graph
     g = _Graph(graph)
-    replaced: dict[int, list] = {}  # id of a pattern's last node -> the nodes that take its place
-    removed: set[int] = set()
+    replaced: dict[str, list] = {}  # a pattern's last node (its key) -> the nodes that take its place
+    removed: set[str] = set()
     flat = "instance_norm_flat_shape"
     for node in graph.node:
-        if not _spatial_mean(node) or id(node) in removed:
+        if not _spatial_mean(node) or _key(node) in removed:
             continue
         match = _match_instance_norm(g, node)
         if match is None:
             continue
         nodes, x, gamma, beta, eps = match
-        removed.update(id(n) for n in nodes)
+        removed.update(_key(n) for n in nodes)
         last = nodes[-1]
         base = last.name or last.output[0]
-        replaced[id(last)] = [
+        replaced[_key(last)] = [
             helper.make_node("Reshape", [gamma, flat], [base + "/scale"], name=base + "/scale"),
             helper.make_node("Reshape", [beta, flat], [base + "/shift"], name=base + "/shift"),
             helper.make_node("InstanceNormalization", [x, base + "/scale", base + "/shift"], list(last.output),
@@ -184,14 +184,21 @@ def fused_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _key(node) -> str:
+    """A node's identity across iterations of ``graph.node``: its first output, which only it makes (the
+    protobuf wrappers' ``id()`` is not guaranteed to be stable)."""
+    return node.output[0]
+
+
 def _replace_nodes(graph: onnx.GraphProto, replaced: dict, removed: set) -> None:
-    """Put ``replaced[id(node)]`` (a list of nodes) in each such node's place and drop the ``removed``
-    ones. The order stays topological: a replacement sits where its pattern's output was made."""
+    """Put ``replaced[_key(node)]`` (a list of nodes) in each such node's place and drop the ``removed``
+    ones (keys). The order stays topological: a replacement sits where its pattern's output was made."""
     new_nodes = []
     for node in graph.node:
-        if id(node) in replaced:
-            new_nodes.extend(replaced[id(node)])
-        elif id(node) not in removed:
+        key = _key(node)
+        if key in replaced:
+            new_nodes.extend(replaced[key])
+        elif key not in removed:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -318,7 +325,7 @@ def subpixel_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
             grid = [helper.make_node("Pad", [resize.input[0], EDGE_PADS], [base + "/padded"], mode="edge",
                                      name=base + "/edge_pad")]
             kernel = 3
-            removed.update((id(resize), id(pad)))
+            removed.update((_key(resize), _key(pad)))
         elif w.shape[0] < FEW_OUTPUT_CHANNELS and w.shape[2] >= 5:
             weights.append(numpy_helper.from_array(phase_conv_weights(w), base + "/subpixel_weights"))
             grid = [helper.make_node("SpaceToDepth", [node.input[0]], [base + "/padded"], blocksize=2,
@@ -330,7 +337,7 @@ def subpixel_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
         if bias is not None:
             weights.append(numpy_helper.from_array(np.repeat(bias, 4), base + "/subpixel_bias"))
             inputs.append(base + "/subpixel_bias")
-        replaced[id(node)] = grid + [
+        replaced[_key(node)] = grid + [
             helper.make_node("Conv", inputs, [base + "/phases"], kernel_shape=[kernel, kernel], name=base + "/phases"),
             helper.make_node("DepthToSpace", [base + "/phases"], list(node.output), blocksize=2, mode="CRD",
                              name=base + "/depth_to_space")]
