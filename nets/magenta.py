@@ -152,10 +152,11 @@ class MagentaNetworks:
         from segswap.nets.magenta_graphs import fused_instance_norm, subpixel_convolutions
 
         rng = np.random.default_rng(0)
+        # One input per graph input, in the graph's order.
         if name == MULTISTYLE_MODEL:
             edits = (fused_instance_norm, subpixel_convolutions)
-            feed = {"image": rng.random((1, 3, 36, 52), dtype=np.float32),
-                    "style_weights": rng.dirichlet(np.ones(NUM_BUILTIN_STYLES)).astype(np.float32)}
+            feed = [rng.random((1, 3, 36, 52), dtype=np.float32),
+                    rng.dirichlet(np.ones(NUM_BUILTIN_STYLES)).astype(np.float32)]
         elif name == TRANSFORM_MODEL:
             edits = (subpixel_convolutions,)
             feed = [rng.random((1, TRANSFORM_SIZE, TRANSFORM_SIZE, 3), dtype=np.float32),
@@ -172,8 +173,7 @@ class MagentaNetworks:
         shipped = session(plain)
         if not applied:
             return shipped
-        if isinstance(feed, list):
-            feed = {i.name: x for i, x in zip(shipped.get_inputs(), feed)}
+        feed = {i.name: x for i, x in zip(shipped.get_inputs(), feed)}
         try:
             want = shipped.run(None, feed)[0]
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
