@@ -157,8 +157,10 @@ def _inverse(q, shift, scale, c, a, w, tol, max_iter, out):
 
 def load_kernels() -> None:
     """Compile (first use on a machine) or load (cached) the spline's kernels on a tiny warp."""
-    spline = ThinPlateSpline(grid_controls(0, 0, 8, 8, 3), grid_controls(0, 0, 8, 8, 3) + 0.5)
-    spline.inverse(spline(spline.jacobian(np.ones((2, 2)))[:, 0]))
+    controls = grid_controls(0, 0, 8, 8, 3)
+    spline, pts = ThinPlateSpline(controls, controls + 0.5), np.ones((2, 2))
+    spline.jacobian(pts)
+    spline.inverse(spline(pts))
 
 
 def grid_controls(x0: float, y0: float, x1: float, y1: float, per_side: int) -> np.ndarray:

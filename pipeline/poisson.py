@@ -22,9 +22,8 @@ once per machine and cached next to this file (numba ``cache=True``).
 The V-cycle runs in float32, CG in float64: a preconditioner only has to approximate the inverse,
 while the residual and the dot products that decide convergence keep float64's accuracy. The levels'
 weights and diagonals (small integers and halves) are exact in float32, and float32 fills twice the
-SIMD lanes: on
-64 pastes captured from the renderer the solve costs 22% less, with the same pixels and the same
-iteration counts (7.4 at tol 1e-6; 13.2 against 13.25 at 1e-11).
+SIMD lanes: on 64 pastes captured from the renderer the solve costs 22% less, with the same pixels and
+the same iteration counts (7.4 at tol 1e-6; 13.2 against 13.25 at 1e-11).
 
 Arrays are padded by one cell on every side: weights on the frame are zero and the values there stay
 zero, so the loops need no bounds checks, and neither do they branch on the mask (cells outside Ω have
