@@ -11,7 +11,8 @@ Prints:
    each with batch_size 1 (one stylise() call per image) and 8 (one call per 8 images), after one
    warm-up call, and the batch-8 / batch-1 speed ratio;
 2. the 26-style network alone (one onnxruntime thread) on a 2/3 x SIZE image (the default work size),
-   as shipped and after each load-time edit of ``nets/magenta_graphs.py``, and the style-image
+   as shipped, after each load-time edit of ``nets/magenta_graphs.py`` and in the parts of
+   ``nets/magenta_split.py`` (the path the styliser takes), and the style-image
    transformer at its 384 px, batched as loaded and with its sub-pixel edit: CPU-s per image side by
    side (interleaved, best of 5 rounds), the ratio to the unedited graph and the largest output change;
 3. the share of pair-generation time spent in style: ``segswap-gen`` in-process on the embedded corpus
@@ -118,6 +119,7 @@ def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
 
     from segswap.nets.magenta import MULTISTYLE_MODEL, TRANSFORM_MODEL, TRANSFORM_SIZE, default_model_dir
     from segswap.nets.magenta_graphs import dynamic_batch, fused_instance_norm, subpixel_convolutions
+    from segswap.nets.magenta_split import SplitSession, split_at_first_norm
 
     work = round(size * 2 / 3) // 4 * 4
     print(f"== the 26-style network alone at {work}x{work} (work scale 2/3 of {size}), CPU-s per image")
@@ -128,6 +130,9 @@ def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
     sessions = {k: ort.InferenceSession(v, opts, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
+    head, tail, cut = split_at_first_norm(subpixel_convolutions(fused_instance_norm(onnx.load_model_from_string(raw))))
+    sessions["... + in two parts"] = SplitSession(
+        *(ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"]) for p in (head, tail)), cut)
     image = content_images(1, work)[0]
     feed = {"image": np.ascontiguousarray((image.astype(np.float32) / 255).transpose(2, 0, 1)[None]),
             "style_weights": np.eye(26, dtype=np.float32)[5]}

@@ -67,7 +67,7 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-class _Graph:
+class GraphIndex:
     """Who produces and who consumes each value, and the value of constants."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -97,20 +97,20 @@ class _Graph:
         return b if a == name else a
 
 
-def _attribute(node, name: str):
+def node_attribute(node, name: str):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
 def _spatial_mean(node) -> bool:
-    return (node.op_type == "ReduceMean" and len(node.input) == 1 and _attribute(node, "keepdims") in (None, 1)
-            and list(_attribute(node, "axes") or []) == [2, 3])
+    return (node.op_type == "ReduceMean" and len(node.input) == 1 and node_attribute(node, "keepdims") in (None, 1)
+            and list(node_attribute(node, "axes") or []) == [2, 3])
 
 
 def _is(value, number: float) -> bool:
     return value is not None and value.size == 1 and float(value.ravel()[0]) == number
 
 
-def _match_instance_norm(g: _Graph, mean):
+def _match_instance_norm(g: GraphIndex, mean):
     """The nodes of one decomposed instance norm starting at its first ReduceMean, and its parts, or None.
 
     The pattern: ``d = x - mean(x)``, ``y = d * (1 / sqrt(mean(d ** 2) + eps)) * gamma + beta``, where
@@ -156,7 +156,7 @@ def fused_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     reshaped to the ``[C]`` the operator takes.
     """
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     replaced: dict[str, list] = {}  # a pattern's last node (its key) -> the nodes that take its place
     removed: set[str] = set()
     flat = "instance_norm_flat_shape"
@@ -243,7 +243,7 @@ def phase_conv_weights(w: np.ndarray) -> np.ndarray:
     return out.reshape(4 * o, 4 * c, n, n)
 
 
-def _dequantized(name: str, g: _Graph):
+def _dequantized(name: str, g: GraphIndex):
     """The float value of ``name``: an initializer, or a DequantizeLinear of constants (the weights
     of the QDQ-quantised style-image transformer, which onnxruntime folds into float weights for its
     float convolutions); else None."""
@@ -258,13 +258,13 @@ def _dequantized(name: str, g: _Graph):
         return None
     shape = [1] * x.ndim
     if scale.size > 1:  # per channel along ``axis`` (ONNX's default: 1)
-        axis = _attribute(node, "axis")
+        axis = node_attribute(node, "axis")
         shape[1 if axis is None else axis] = -1
     zero = zero.reshape(shape if zero.size > 1 else [1] * x.ndim).astype(np.float32)
     return ((x.astype(np.float32) - zero) * scale.reshape(shape).astype(np.float32)).astype(np.float32)
 
 
-def _plain_conv(node, g: _Graph):
+def _plain_conv(node, g: GraphIndex):
     """The float weights [O, C, k, k] (k odd) and bias of a stride-1, undilated, ungrouped, unpadded Conv
     with constant weights, else None."""
     if node.op_type != "Conv":
@@ -274,13 +274,13 @@ def _plain_conv(node, g: _Graph):
     bias = _dequantized(node.input[2], g) if has_bias else None
     if w is None or w.ndim != 4 or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0 or (has_bias and bias is None):
         return None
-    plain = all(_attribute(node, name) in (None, default) for name, default in
+    plain = all(node_attribute(node, name) in (None, default) for name, default in
                 (("strides", [1, 1]), ("dilations", [1, 1]), ("group", 1), ("pads", [0, 0, 0, 0]),
                  ("auto_pad", b"NOTSET")))
     return (w, bias) if plain else None
 
 
-def _reflect_pad_behind(name: str, g: _Graph):
+def _reflect_pad_behind(name: str, g: GraphIndex):
     """The reflection Pad that makes ``name``, directly or through a QuantizeLinear -> DequantizeLinear
     pair (elementwise, so a SpaceToDepth after it sees the padded map), each read by nothing else;
     and whether a QDQ pair sits between. None if there is none."""
@@ -290,19 +290,19 @@ def _reflect_pad_behind(name: str, g: _Graph):
         if quant is None or quant.op_type != "QuantizeLinear" or len(g.consumers[quant.output[0]]) != 1:
             return None
         node, wrapped = g.producer.get(quant.input[0]), True
-    if node is None or node.op_type != "Pad" or _attribute(node, "mode") != b"reflect" \
+    if node is None or node.op_type != "Pad" or node_attribute(node, "mode") != b"reflect" \
             or len(g.consumers[node.output[0]]) != 1:
         return None
     return node, wrapped
 
 
-def _nearest_double(node, g: _Graph) -> bool:
+def _nearest_double(node, g: GraphIndex) -> bool:
     if node is None or node.op_type != "Resize" or len(node.input) != 3:
         return False
     scales = g.constant(node.input[2])
-    return (scales is not None and scales.tolist() == [1, 1, 2, 2] and _attribute(node, "mode") == b"nearest"
-            and _attribute(node, "coordinate_transformation_mode") == b"asymmetric"
-            and _attribute(node, "nearest_mode") in (None, b"floor", b"round_prefer_floor"))
+    return (scales is not None and scales.tolist() == [1, 1, 2, 2] and node_attribute(node, "mode") == b"nearest"
+            and node_attribute(node, "coordinate_transformation_mode") == b"asymmetric"
+            and node_attribute(node, "nearest_mode") in (None, b"floor", b"round_prefer_floor"))
 
 
 def subpixel_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -310,7 +310,7 @@ def subpixel_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
     ones behind a nearest x2 upsampling, rewritten as a convolution on a half-resolution grid with 4x
     the output channels, then ``DepthToSpace``."""
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     replaced, removed, weights = {}, set(), []
     for node in graph.node:
         conv = _plain_conv(node, g)

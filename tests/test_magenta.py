@@ -20,6 +20,7 @@ from segswap.nets.magenta_graphs import (
     subpixel_convolutions,
     upsampled_conv_weights,
 )
+from segswap.nets.magenta_split import SplitSession, norm_relu_pad, split_at_first_norm
 from segswap.pipeline.style import build_styliser
 
 
@@ -295,15 +296,58 @@ def test_builtin_styles_at_a_smaller_work_scale(photo, networks):
 
 
 def test_an_edit_that_breaks_the_graph_falls_back_to_the_shipped_graph(monkeypatch, caplog, photo):
-    from onnx import helper
-
     from segswap.nets import magenta_graphs
 
-    def broken(model):  # the second edit, after the fused norms: a node reading a value nothing makes
-        model.graph.node.append(helper.make_node("Relu", ["no_such_value"], ["dangling"]))
+    def broken(model):  # the second edit, after the fused norms: the output node reads a value nothing makes
+        out = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+        out.input[0] = "no_such_value"
         return model
 
     monkeypatch.setattr(magenta_graphs, "subpixel_convolutions", broken)
     with caplog.at_level("WARNING"):
         got = MagentaNetworks().multistyle(photo, np.eye(26, dtype=np.float32)[4])
-    assert "the edited graph does not run" in caplog.text and got.shape == photo.shape
+    assert "the edited graph in parts does not run" in caplog.text and "the edited graph does not run" in caplog.text
+    assert "running it as shipped" in caplog.text and got.shape == photo.shape
+
+
+def test_norm_relu_pad_equals_its_definition():
+    """The kernel between the parts: instance norm with the given scale and shift, ReLU, reflection pad,
+    on maps whose mean is far from zero (the variance is taken about the mean)."""
+    rng = np.random.default_rng(5)
+    y = (rng.normal(size=(5, 9, 14)) * 3 + 40).astype(np.float32)
+    scale, shift = rng.normal(size=(2, 5)).astype(np.float32)
+    mean, var = y.mean((1, 2), keepdims=True, dtype=np.float64), y.var((1, 2), keepdims=True, dtype=np.float64)
+    normed = (y - mean) / np.sqrt(var + 1e-5) * scale[:, None, None] + shift[:, None, None]
+    out = np.full((5, 11, 16), np.nan, np.float32)
+    norm_relu_pad(y, scale, shift, 1e-5, out)
+    np.testing.assert_allclose(out, np.pad(np.maximum(normed, 0), ((0, 0), (1, 1), (1, 1)), mode="reflect"), atol=2e-5)
+
+
+def test_split_network_equals_the_shipped_graph():
+    """The edited 26-style graph in two parts with the kernel between them gives what the shipped
+    graph gives, at the sizes of the sub-pixel test; the model it is cut from is not changed."""
+    raw, model = _shipped(MULTISTYLE_MODEL)
+    edited = subpixel_convolutions(fused_instance_norm(model))
+    before = edited.SerializeToString()
+    head, tail, cut = split_at_first_norm(edited)
+    assert edited.SerializeToString() == before
+    assert cut[0] == "/contract.1/Pad_output_0"
+    assert [n.op_type for n in head.graph.node].count("Conv") == 1
+    assert len(head.graph.node) + len(tail.graph.node) <= len(edited.graph.node)
+    split, shipped = SplitSession(_session(head), _session(tail), cut), _session(raw)
+    rng = np.random.default_rng(6)
+    for h, w, mix in ((64, 96, False), (100, 52, True), (36, 44, True), (8, 12, False)):
+        weights = rng.dirichlet(np.ones(26)).astype(np.float32) if mix else np.eye(26, dtype=np.float32)[11]
+        feed = {"image": rng.random((1, 3, h, w), dtype=np.float32), "style_weights": weights}
+        np.testing.assert_allclose(split.run(None, feed)[0], shipped.run(None, feed)[0], atol=3e-5)
+
+
+def test_split_refuses_graphs_without_the_chain():
+    with pytest.raises(ValueError, match="no instance norm -> ReLU -> reflection pad"):
+        split_at_first_norm(_shipped(PREDICT_MODEL)[1])
+
+
+def test_the_styliser_runs_the_network_in_parts(networks):
+    """The load-time check passes on the shipped models, so the styliser takes the fastest path."""
+    sess, _ = networks._session(MULTISTYLE_MODEL)
+    assert isinstance(sess, SplitSession)
