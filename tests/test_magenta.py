@@ -351,3 +351,26 @@ def test_the_styliser_runs_the_network_in_parts(networks):
     """The load-time check passes on the shipped models, so the styliser takes the fastest path."""
     sess, _ = networks._session(MULTISTYLE_MODEL)
     assert isinstance(sess, SplitSession)
+
+
+def test_a_split_that_differs_falls_back_to_the_edited_graph_whole(monkeypatch, caplog, photo):
+    """If the parts compute something else (simulated: the kernel's ReLU dropped), the check when the
+    session opens catches it and the edited graph runs whole, with its speed edits."""
+    from segswap.nets import magenta_split
+
+    def no_relu(y, scale, shift, eps, out):
+        mean, std = y.mean((1, 2), keepdims=True), np.sqrt(y.var((1, 2), keepdims=True) + eps)
+        out[:] = np.pad((y - mean) / std * scale[:, None, None] + shift[:, None, None], ((0, 0), (1, 1), (1, 1)),
+                        mode="reflect")
+
+    monkeypatch.setattr(magenta_split, "norm_relu_pad", no_relu)
+    networks = MagentaNetworks()
+    with caplog.at_level("WARNING"):
+        sess, _ = networks._session(MULTISTYLE_MODEL)
+    assert "the edited graph in parts differs from the shipped one" in caplog.text
+    assert "running it as shipped" not in caplog.text
+    assert not isinstance(sess, SplitSession)
+    whole = _session(subpixel_convolutions(fused_instance_norm(_shipped(MULTISTYLE_MODEL)[1])))
+    feed = {"image": np.random.default_rng(8).random((1, 3, 40, 48), dtype=np.float32),
+            "style_weights": np.eye(26, dtype=np.float32)[2]}
+    np.testing.assert_array_equal(sess.run(None, feed)[0], whole.run(None, feed)[0])
