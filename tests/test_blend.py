@@ -42,6 +42,24 @@ def test_iterative_solvers_match_direct_solve(method, gradients):
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
+
+def test_multigrid_buffers_kept_between_solves_change_nothing():
+    """The solver keeps its buffers from one solve to the next (pipeline/poisson.py, _Buffers): a solve
+    after a larger and a differently shaped one gives exactly what it gives on fresh buffers, even
+    when the kept buffers hold another problem's values."""
+    from segswap.pipeline import poisson
+
+    problems = [_scene()] + _odd_masks() + [_scene(h=61, w=40, seed=9)]
+    systems = [(mask, *grid_system(src, dst, mask), src) for src, dst, mask in problems]
+    fresh = []
+    for mask, deg, b, src in systems:
+        poisson._SPARE.clear()
+        fresh.append(solve_poisson(mask, deg, b, src, tol=1e-6))
+    poisson._SPARE.clear()
+    for (mask, deg, b, src), (x, iterations) in zip(systems[::-1] + systems, fresh[::-1] + fresh):
+        again, its = solve_poisson(mask, deg, b, src, tol=1e-6)
+        assert its == iterations and np.array_equal(again, x)
+
 @pytest.mark.parametrize("gradients", ["normal", "mixed"])
 def test_grid_system_is_the_documented_equation(gradients):
     # b_p and |N_p| straight from the definition in pipeline/blend.py, pixel by pixel, on a region
