@@ -183,7 +183,7 @@ def _sweep_row(x, b, inv, wx, wy, i, color, row):
     up, mid, down, bi, ii, wxi, wyu, wyi = x[i - 1], x[i], x[i + 1], b[i], inv[i], wx[i], wy[i - 1], wy[i]
     wp, odd = len(mid), (i + color) & 1  # the parity of this colour's j
     for j in range(1, wp - 1):
-        v = (bi[j] + wxi[j] * mid[j + 1] + wxi[j - 1] * mid[j - 1] + wyu[j] * up[j] + wyi[j] * down[j]) * ii[j]
+        v = (bi[j] + _row_neighbours(up, mid, down, wxi, wyu, wyi, j)) * ii[j]
         row[j] = v if (j & 1) == odd else mid[j]
     for j in range(1, wp - 1):
         mid[j] = row[j]
