@@ -65,12 +65,11 @@ def norm_relu_pad(y, scale, shift, eps, out):
         ok[h + 1, :] = ok[h - 1, :]
 
 
-def _cut_point(model: onnx.ModelProto) -> tuple:
+def _cut_point(model: onnx.ModelProto, g: GraphIndex) -> tuple:
     """The first InstanceNormalization whose output goes only to a ReLU, whose output goes only to a
     reflection Pad read only by a 3x3 convolution: (the norm, its epsilon, the pad, the convolution's
     input channels). The pad is taken to be one pixel, half the kernel: the pads themselves are
     computed in the graph (the load-time check would catch another width)."""
-    g = GraphIndex(model.graph)
     for node in model.graph.node:
         if node.op_type != "InstanceNormalization" or len(node.input) != 3:
             continue
@@ -86,11 +85,10 @@ def _cut_point(model: onnx.ModelProto) -> tuple:
     raise ValueError("no instance norm -> ReLU -> reflection pad -> 3x3 convolution chain")
 
 
-def _part(model: onnx.ModelProto, inputs: list, outputs: list[str], name: str) -> onnx.ModelProto:
+def _part(model: onnx.ModelProto, g: GraphIndex, inputs: list, outputs: list[str], name: str) -> onnx.ModelProto:
     """The nodes and initializers ``outputs`` need, given ``inputs`` (value infos); a ValueError if
     they need a graph input not among ``inputs`` (the cut does not separate the graph)."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
     given = {v.name for v in inputs}
     graph_inputs = {v.name for v in graph.input}
     needed, kept, todo = set(), set(), list(outputs)
@@ -101,7 +99,7 @@ def _part(model: onnx.ModelProto, inputs: list, outputs: list[str], name: str) -
         if value in graph_inputs:
             raise ValueError(f"the {name} needs the graph input {value}")
         needed.add(value)
-        node = producer.get(value)
+        node = g.producer.get(value)
         if node is not None and node.output[0] not in kept:
             kept.add(node.output[0])
             todo.extend(v for v in node.input if v)
@@ -117,12 +115,12 @@ def split_at_first_norm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.M
     docstring): (head, tail, (the tail's padded input name, epsilon)). The head reads the
     graph's inputs and returns the norm's input, scale and shift; the tail reads the padded map and
     the graph's other inputs and returns the graph's outputs. ``model`` is not changed."""
-    norm, eps, pad, channels = _cut_point(model)
     graph = model.graph
-    first, *others = graph.input
-    head = _part(model, [first, *others], list(norm.input), "head")
+    g = GraphIndex(graph)
+    norm, eps, pad, channels = _cut_point(model, g)
+    head = _part(model, g, list(graph.input), list(norm.input), "head")
     padded = helper.make_tensor_value_info(pad.output[0], onnx.TensorProto.FLOAT, ["batch", channels, "h", "w"])
-    tail = _part(model, [padded, *others], [o.name for o in graph.output], "tail")
+    tail = _part(model, g, [padded, *graph.input[1:]], [o.name for o in graph.output], "tail")
     return head, tail, (pad.output[0], eps)
 
 
