@@ -1,14 +1,18 @@
 """Streaming loader: exact grid ground truth, TPS recomposition, skipping corrupt samples, determinism."""
 import itertools
+import multiprocessing
+import signal
+import time
 
 import numpy as np
 import pytest
+import torch
 from synthetic_shards import make_pair, write_synthetic_shards
 
 from segswap.shards.format import FormatError
 from segswap.train.augment import PairAugmenter, no_augment
 from segswap.train.groundtruth import cell_centres, sample_flow
-from segswap.train.stream import ShardStream
+from segswap.train.stream import ShardStream, stop_workers, worker_init
 
 
 def test_grid_ground_truth_is_exact_without_augmentation():
@@ -178,3 +182,37 @@ def test_loader_workers_start_after_the_parent_used_opencv_threads(tmp_path):
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+class _StuckAfterOne(torch.utils.data.IterableDataset):
+    """Worker 0 yields one item; then every worker blocks where SIGTERM cannot end it (ignored), as a
+    worker stuck inside a C call does."""
+
+    def __iter__(self):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if torch.utils.data.get_worker_info().id == 0:
+            yield torch.zeros(1)
+        time.sleep(60)
+        yield torch.zeros(1)
+
+
+def test_stop_workers_kills_stuck_workers_without_the_dataloader_calling_it_a_crash(monkeypatch):
+    """stop_workers SIGKILLs a worker that SIGTERM does not end; the DataLoader's SIGCHLD handler must
+    not then raise "worker is killed by signal" in the trainer. The join is made slow, so that the
+    handler sees the dead worker before join() reaps it (the order that failed in CI)."""
+    batches = iter(torch.utils.data.DataLoader(_StuckAfterOne(), batch_size=None, num_workers=2,
+                                               worker_init_fn=worker_init, persistent_workers=True))
+    next(batches)
+    join = multiprocessing.Process.join
+
+    def slow_join(self, timeout=None):
+        time.sleep(0.3)
+        return join(self, timeout)
+
+    monkeypatch.setattr(multiprocessing.Process, "join", slow_join)
+    started = time.monotonic()
+    stop_workers(batches, wait_s=0.5)
+    time.sleep(0.5)  # any SIGCHLD left is handled by now
+    assert time.monotonic() - started < 10
+    assert not any(w.is_alive() for w in batches._workers)
+

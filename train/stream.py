@@ -133,6 +133,14 @@ def stop_workers(batches, wait_s: float = 2.0) -> None:
     the DataLoader iterator's list of processes (absent with ``workers=0``).
     """
     workers = [w for w in getattr(batches, "_workers", ()) if w.is_alive()]
+    # The DataLoader's SIGCHLD handler raises "DataLoader worker ... is killed by signal" in this process
+    # when a worker it watches dies by a signal before join() reaps it: a worker killed here (stuck for
+    # wait_s) or terminated before worker_init set its handler. Those ends are wanted, so stop watching
+    # first, as the DataLoader's own shutdown does; otherwise the error could replace the one the
+    # trainer is stopping for (seen in CI: a truncated shard with --strict-data exited 1, not 2).
+    if getattr(batches, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
     for w in workers:
         w.terminate()
     deadline = time.monotonic() + wait_s
