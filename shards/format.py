@@ -67,7 +67,7 @@ import cv2
 import numpy as np
 
 FORMAT_VERSION = 1
-RENDERER_VERSION = 5  # json renderer_version; 2: Magenta built-in styles at 2/3 scale, pyamg forward/backward smoothing;
+RENDERER_VERSION = 6  # json renderer_version; 2: Magenta built-in styles at 2/3 scale, pyamg forward/backward smoothing;
 # 3: the default blend is the numba multigrid solver (pipeline/poisson.py) at tol 1e-6, which rounds a few pixels
 # differently, and the mask PNGs are written without row filters (the same pixels, other bytes);
 # 4: the Magenta 26-style graph runs edited (fused instance norms, sub-pixel convolutions: the same sums in another
@@ -75,7 +75,9 @@ RENDERER_VERSION = 5  # json renderer_version; 2: Magenta built-in styles at 2/3
 # (the same values to ~1e-12 px, which can move a flow's last bit), and the multigrid's V-cycle is float32 (the
 # same pixels on 64 benchmark pastes, but a blended pixel can round the other way);
 # 5: the 26-style graph runs in two parts with its first instance norm computed between them (nets/magenta_split.py:
-# another summation order again; 1545 of 20.7M stylised bytes differ on 30 test images)
+# another summation order again; 1545 of 20.7M stylised bytes differ on 30 test images);
+# 6: on a CPU with native bfloat16 (AMX) the 26-style network runs on OpenVINO in bfloat16 by default
+# (nets/magenta_openvino.py: 0.2-2.5 grey levels from float32 on average; each image's json names the engine)
 SHARD_PATTERN = "train-%06d.tar"
 DEFAULT_FLOW_STRIDE = 4
 JPEG_QUALITY = 95

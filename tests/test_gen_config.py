@@ -61,6 +61,9 @@ def test_bad_config_files_name_file_and_key(tmp_path, text, match):
     (["--style-scale", "1.5"], r"in \(0, 1\]"),
     (["--style", "adain", "--style-scale", "0.5"], "built-in styles"),
     (["--style-images", "paintings", "--style-scale", "0.5"], "built-in styles"),
+    (["--style", "none", "--style-engine", "onnxruntime"], "built-in styles"),
+    (["--style-images", "paintings", "--style-engine", "openvino"], "built-in styles"),
+    (["--style-device", "cuda", "--style-engine", "openvino"], "openvino runs on the CPU"),
 ])
 def test_bad_flags(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -96,3 +99,17 @@ def test_style_scale_reaches_the_styliser(tmp_path):
     assert dataset_config(_cfg(["--style-scale", "0.5"])) != dataset_config(_cfg([]))  # parts must agree on it
     assert build_styliser(half["style"], **half["styliser"]).work_scale == 0.5
     assert build_styliser(default["style"], **default["styliser"]).work_scale == DEFAULT_WORK_SCALE
+
+
+def test_style_engine_reaches_the_styliser(tmp_path):
+    """--style-engine goes into the job and the dataset config, and decides what runs the network."""
+    from segswap.nets.magenta import MULTISTYLE_MODEL
+    from segswap.pipeline.run import make_job
+    from segswap.pipeline.style import build_styliser
+
+    job = make_job(_cfg(["--out", str(tmp_path), "--style-engine", "onnxruntime"]), str(tmp_path / "s.json"),
+                   str(tmp_path))
+    assert job["styliser"]["engine"] == "onnxruntime"
+    assert dataset_config(_cfg(["--style-engine", "onnxruntime"])) != dataset_config(_cfg([]))
+    styliser = build_styliser(job["style"], **job["styliser"])
+    assert styliser.networks.engines[MULTISTYLE_MODEL] == "onnxruntime"

@@ -5,12 +5,14 @@ import pytest
 import skimage.data
 from onnx import numpy_helper
 
+from segswap.nets import magenta_openvino
 from segswap.nets.magenta import (
     MULTISTYLE_MODEL,
     PREDICT_MODEL,
     TRANSFORM_MODEL,
     MagentaModelError,
     MagentaNetworks,
+    choose_engine,
     default_model_dir,
 )
 from segswap.nets.magenta_graphs import (
@@ -192,9 +194,13 @@ def test_an_edit_that_changes_the_output_falls_back_to_the_shipped_graph(monkeyp
 
     monkeypatch.setattr(magenta_graphs, "fused_instance_norm", wrong)
     weights = np.eye(26, dtype=np.float32)[4]
+    networks = MagentaNetworks(engine="openvino")
     with caplog.at_level("WARNING"):
-        got = MagentaNetworks().multistyle(photo, weights)
-    assert "differs from the shipped one" in caplog.text
+        got = networks.multistyle(photo, weights)
+    # OpenVINO's looser bfloat16 check catches it too (11% of the output's magnitude against 0.46%)
+    assert "the edited graph on OpenVINO differs from the shipped one" in caplog.text
+    assert "the edited graph differs from the shipped one" in caplog.text
+    assert networks.engines[MULTISTYLE_MODEL] == "onnxruntime"
     monkeypatch.undo()
     x = np.ascontiguousarray((photo.astype(np.float32) / 255).transpose(2, 0, 1)[None])
     want = _session(_shipped(MULTISTYLE_MODEL)[0]).run(None, {"image": x, "style_weights": weights})[0][0]
@@ -234,6 +240,7 @@ def test_styliser_with_style_images(photo, style_dir):
     assert all(o.dtype == np.uint8 for o in out)
     for info in infos:
         assert info["styliser"] == "magenta" and info["style_id"] in ("blue.png", "red.jpg")
+        assert info["engine"] == "onnxruntime"  # the quantised transformer runs on onnxruntime only
         assert 0.5 <= info["strength"] < 1.0
     # same rng state -> same output, whatever the batch size
     again, infos2 = build_styliser("magenta", style_images=str(style_dir), strength=(0.5, 1.0),
@@ -254,6 +261,7 @@ def test_builtin_styles(photo):
     out, infos = sty.stylise([photo, photo], np.random.default_rng(3))
     assert [o.shape for o in out] == [photo.shape] * 2
     assert all(i["style_id"].startswith("builtin:") and i["strength"] == 1.0 for i in infos)
+    assert {i["engine"] for i in infos} == {sty.networks.engines[MULTISTYLE_MODEL]}
     assert all(np.abs(o.astype(int) - photo).mean() > 10 for o in out)
     # strength 0 leaves the photo as it is (pixel blend)
     out0, _ = build_styliser("magenta", strength=(0.0, 0.0)).stylise([photo], np.random.default_rng(3))
@@ -305,7 +313,8 @@ def test_an_edit_that_breaks_the_graph_falls_back_to_the_shipped_graph(monkeypat
 
     monkeypatch.setattr(magenta_graphs, "subpixel_convolutions", broken)
     with caplog.at_level("WARNING"):
-        got = MagentaNetworks().multistyle(photo, np.eye(26, dtype=np.float32)[4])
+        got = MagentaNetworks(engine="openvino").multistyle(photo, np.eye(26, dtype=np.float32)[4])
+    assert "the edited graph on OpenVINO does not run" in caplog.text
     assert "the edited graph in parts does not run" in caplog.text and "the edited graph does not run" in caplog.text
     assert "running it as shipped" in caplog.text and got.shape == photo.shape
 
@@ -347,10 +356,49 @@ def test_split_refuses_graphs_without_the_chain():
         split_at_first_norm(_shipped(PREDICT_MODEL)[1])
 
 
-def test_the_styliser_runs_the_network_in_parts(networks):
-    """The load-time check passes on the shipped models, so the styliser takes the fastest path."""
+def test_onnxruntime_runs_the_network_in_parts():
+    """The load-time check passes on the shipped models, so onnxruntime takes its fastest path."""
+    networks = MagentaNetworks(engine="onnxruntime")
     sess, _ = networks._session(MULTISTYLE_MODEL)
-    assert isinstance(sess, SplitSession)
+    assert isinstance(sess, SplitSession) and networks.engines[MULTISTYLE_MODEL] == "onnxruntime"
+
+
+def test_the_default_engine_is_openvino_where_bfloat16_is_native(networks):
+    native = magenta_openvino.bf16_is_native()
+    sess, _ = networks._session(MULTISTYLE_MODEL)
+    assert networks.engine == ("openvino" if native else "onnxruntime")
+    assert isinstance(sess, magenta_openvino.OpenVINOSession) == native
+    assert networks.engines[MULTISTYLE_MODEL] == ("openvino-bf16" if native else "onnxruntime")
+
+
+def test_openvino_computes_the_shipped_graph_up_to_bfloat16_rounding(photo):
+    """The 26-style network on OpenVINO against onnxruntime's shipped graph, on a photo with three
+    styles: a fraction of a grey level apart on average, the same palette, and the same bytes on a rerun."""
+    ov, ort = MagentaNetworks(engine="openvino"), MagentaNetworks(engine="onnxruntime")
+    assert isinstance(ov._session(MULTISTYLE_MODEL)[0], magenta_openvino.OpenVINOSession)
+    for style in (0, 9, 21):
+        weights = np.eye(26, dtype=np.float32)[style]
+        got, want = ov.multistyle(photo, weights), ort.multistyle(photo, weights)
+        difference = np.abs(got.astype(int) - want)
+        assert difference.mean() < 3 and np.abs(got.mean((0, 1)) - want.mean((0, 1))).max() < 2
+        assert np.array_equal(MagentaNetworks(engine="openvino").multistyle(photo, weights), got)
+
+
+def test_engines_are_chosen_and_refused_clearly(monkeypatch):
+    assert choose_engine("onnxruntime", "cuda") == "onnxruntime"
+    assert choose_engine("auto", "cuda") == "onnxruntime"  # OpenVINO's GPUs are Intel's, not CUDA
+    for native in (True, False):
+        monkeypatch.setattr(magenta_openvino, "bf16_is_native", lambda native=native: native)
+        assert choose_engine("auto", "cpu") == ("openvino" if native else "onnxruntime")
+    with pytest.raises(ValueError, match="engine must be one of auto, onnxruntime, openvino"):
+        choose_engine("tensorrt", "cpu")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        choose_engine("openvino", "cuda")
+    monkeypatch.setattr(magenta_openvino, "available", lambda: False)
+    with pytest.raises(MagentaModelError, match="needs the 'openvino' package"):
+        choose_engine("openvino", "cpu")
+    with pytest.raises(ValueError, match="returns all outputs"):
+        magenta_openvino.OpenVINOSession(_shipped(MULTISTYLE_MODEL)[0]).run(["stylized"], {})
 
 
 def test_a_split_that_differs_falls_back_to_the_edited_graph_whole(monkeypatch, caplog, photo):
@@ -364,7 +412,7 @@ def test_a_split_that_differs_falls_back_to_the_edited_graph_whole(monkeypatch, 
                         mode="reflect")
 
     monkeypatch.setattr(magenta_split, "norm_relu_pad", no_relu)
-    networks = MagentaNetworks()
+    networks = MagentaNetworks(engine="onnxruntime")
     with caplog.at_level("WARNING"):
         sess, _ = networks._session(MULTISTYLE_MODEL)
     assert "the edited graph in parts differs from the shipped one" in caplog.text
