@@ -5,14 +5,16 @@
 Prints:
 1. images/s and CPU-s per image (user + sys: what a cluster bills) at SIZE x SIZE on CPU with THREADS
    threads (one generator worker) for
-   - magenta, built-in styles (multistyle26 at the default work scale 2/3, and at full size),
+   - magenta, built-in styles (multistyle26 at the default work scale 2/3, at full size, and with
+     ``engine="onnxruntime"``),
    - magenta, style images (style prediction + 384 px transformer; painting vectors cached),
    - adain (random He-initialised weights in the public layout: timing only), paintings cached,
    each with batch_size 1 (one stylise() call per image) and 8 (one call per 8 images), after one
    warm-up call, and the batch-8 / batch-1 speed ratio;
 2. the 26-style network alone (one onnxruntime thread) on a 2/3 x SIZE image (the default work size),
-   as shipped, after each load-time edit of ``nets/magenta_graphs.py`` and in the parts of
-   ``nets/magenta_split.py`` (the path the styliser takes), and the style-image
+   as shipped, after each load-time edit of ``nets/magenta_graphs.py``, in the parts of
+   ``nets/magenta_split.py`` (the path onnxruntime takes) and compiled by OpenVINO in float32 and in
+   bfloat16 (``nets/magenta_openvino.py``, the default engine where bfloat16 is native), and the style-image
    transformer at its 384 px, batched as loaded and with its sub-pixel edit: CPU-s per image side by
    side (interleaved, best of 5 rounds), the ratio to the unedited graph and the largest output change;
 3. the share of pair-generation time spent in style: ``segswap-gen`` in-process on the embedded corpus
@@ -85,6 +87,7 @@ def bench_throughput(n: int, size: int, paintings: Path, weights: Path) -> None:
     setups = {
         "magenta builtin": lambda b: build_styliser("magenta", batch_size=b),
         "magenta builtin 1:1": lambda b: MagentaStyliser(batch_size=b, work_scale=1.0),
+        "magenta builtin ort": lambda b: build_styliser("magenta", batch_size=b, engine="onnxruntime"),
         "magenta paintings": lambda b: build_styliser("magenta", style_images=str(paintings), batch_size=b),
         "adain paintings": lambda b: build_styliser("adain", style_images=str(paintings), adain_weights=str(weights),
                                                     batch_size=b, device="cpu"),
@@ -119,10 +122,12 @@ def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
 
     from segswap.nets.magenta import MULTISTYLE_MODEL, TRANSFORM_MODEL, TRANSFORM_SIZE, default_model_dir
     from segswap.nets.magenta_graphs import dynamic_batch, fused_instance_norm, subpixel_convolutions
+    from segswap.nets.magenta_openvino import OpenVINOSession, bf16_is_native
     from segswap.nets.magenta_split import SplitSession, split_at_first_norm
 
     work = round(size * 2 / 3) // 4 * 4
-    print(f"== the 26-style network alone at {work}x{work} (work scale 2/3 of {size}), CPU-s per image")
+    print(f"== the 26-style network alone at {work}x{work} (work scale 2/3 of {size}), CPU-s per image; "
+          f"bfloat16 native here: {bf16_is_native()}")
     raw = (default_model_dir() / MULTISTYLE_MODEL).read_bytes()
     fused = fused_instance_norm(onnx.load_model_from_string(raw))
     graphs = {"shipped": raw, "fused norms": fused.SerializeToString()}
@@ -134,6 +139,8 @@ def bench_graph_edits(size: int, rounds: int = 5, calls: int = 4) -> None:
     head, tail, cut = split_at_first_norm(edited)
     sessions["... + in two parts"] = SplitSession(
         *(ort.InferenceSession(p.SerializeToString(), opts, providers=["CPUExecutionProvider"]) for p in (head, tail)), cut)
+    for precision in ("f32", "bf16"):  # the edited graph compiled by OpenVINO (bf16: the default on AMX)
+        sessions[f"OpenVINO {precision}"] = OpenVINOSession(graphs["fused + sub-pixel"], precision=precision)
     image = content_images(1, work)[0]
     feed = {"image": np.ascontiguousarray((image.astype(np.float32) / 255).transpose(2, 0, 1)[None]),
             "style_weights": np.eye(26, dtype=np.float32)[5]}

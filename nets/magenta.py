@@ -88,7 +88,7 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 def choose_engine(engine: str, device: str) -> str:
     """The engine for the 26-style network: ``openvino`` (bfloat16, ``nets/magenta_openvino.py``) or
     ``onnxruntime`` (float32). ``auto`` takes OpenVINO on a CPU where it computes bfloat16 natively
-    (0.43x the CPU time there) and onnxruntime elsewhere, and always on CUDA."""
+    (0.45x the CPU time of onnxruntime's fastest path there) and onnxruntime elsewhere, and always on CUDA."""
     from segswap.nets import magenta_openvino
 
     if engine not in ENGINES:
@@ -189,7 +189,7 @@ class MagentaNetworks:
         """(session, engine) for ``model`` after the speed edits that apply to it (the 26-style graph:
         fused instance norms and sub-pixel convolutions, ``nets/magenta_graphs.py``, then compiled by
         OpenVINO in bfloat16 with engine ``openvino``, else run in two parts with its first norm in
-        between, ``nets/magenta_split.py``: 0.43x and 0.65x the shipped graph's CPU time; the
+        between, ``nets/magenta_split.py``: 0.28x and 0.63x the shipped graph's CPU time; the
         style-image transformer: its last convolution sub-pixel, 0.8x), taking the first candidate
         that loads, runs and computes what ``model`` computes on one input (float32 candidates to
         1e-4; bfloat16 to 2% of the output's mean magnitude, on average); else, with warnings,

@@ -2,18 +2,21 @@
 
 On a CPU with Intel AMX (Sapphire Rapids and later) OpenVINO runs convolutions on the tile units in
 bfloat16, accumulating in float32: the edited 26-style network (``nets/magenta_graphs.py``) takes
-0.43x the CPU time of onnxruntime's float32 on a 320x320 image, single-threaded
-(``benchmarks/bench_style.py``). OpenVINO's own float32 is slower than onnxruntime's there (1.25x),
-so it is used only where its CPU plugin's default precision is bfloat16, i.e. where OpenVINO itself
-judges bfloat16 native (:func:`bf16_is_native`); elsewhere the networks stay on onnxruntime.
+0.0183 CPU-s on a 320x320 image, single-threaded, against 0.0410 on onnxruntime in two parts, its
+fastest float32 path (0.45x; ``benchmarks/bench_style.py``). OpenVINO's own float32 is slower than
+onnxruntime's there (0.0571, 1.28x the edited graph whole on onnxruntime), so OpenVINO is used only
+where its CPU plugin's default precision is bfloat16, i.e. where OpenVINO itself judges bfloat16
+native (:func:`bf16_is_native`); elsewhere the networks stay on onnxruntime.
 
-bfloat16 keeps 8 bits of mantissa, so the output is not onnxruntime's: on 12 photos at 320 px with
-one style each, 0.2-2.5 grey levels apart on average (PSNR 30-54 dB against float32). The largest
-differences are where the input is flat and the network paints strokes from next to nothing (where
-float32 summed in another order also moves them); the strokes differ there, the style does not
-(``docs/images/style_engines.jpg``). :class:`segswap.nets.magenta.MagentaNetworks` checks the
-compiled network against onnxruntime's shipped graph when it opens it, as it checks its other edits,
-with a tolerance for that rounding, and falls back to onnxruntime otherwise.
+bfloat16 keeps 8 bits of mantissa, so the output is not onnxruntime's: at the generator's defaults
+(480-px images, work scale 2/3), on the 15 embedded photos with 4 styles each, 0.19-3.65 grey levels
+apart on average (median 0.47), PSNR 29.5-55.1 dB (median 49.2) against float32, 1.05% of the pixels
+more than 8 levels apart (``benchmarks/picture_style_engines.py``). The largest differences are where
+the input is smooth and the network paints strokes from next to nothing (the colour wheel): the
+strokes move there, the style does not (``docs/images/style_engines.jpg``).
+:class:`segswap.nets.magenta.MagentaNetworks` checks the compiled network against onnxruntime's
+shipped graph when it opens it, as it checks its other edits, with a tolerance for that rounding, and
+falls back to onnxruntime otherwise.
 """
 from __future__ import annotations
 
@@ -55,13 +58,14 @@ class Input:
 
 
 class OpenVINOSession:
-    """An ONNX model compiled by OpenVINO for the CPU in bfloat16, with ``get_inputs`` and ``run`` as an
-    onnxruntime ``InferenceSession``'s. Inputs of a new shape are recompiled for by OpenVINO itself
-    (once per shape: a generation run has one)."""
+    """An ONNX model compiled by OpenVINO for the CPU in bfloat16 (``precision="f32"``: float32, which
+    ``benchmarks/bench_style.py`` compares), with ``get_inputs`` and ``run`` as an onnxruntime
+    ``InferenceSession``'s. Inputs of a new shape are recompiled for by OpenVINO itself (once per
+    shape: a generation run has one)."""
 
-    def __init__(self, data: bytes, threads: int | None = 1):
+    def __init__(self, data: bytes, threads: int | None = 1, precision: str = "bf16"):
         core = _core()
-        config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(data), "CPU", config)

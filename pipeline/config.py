@@ -111,7 +111,7 @@ def get_parser(add_help: bool = True) -> argparse.ArgumentParser:
                      help="magenta's built-in styles: run the network on the image scaled by S, 0 < S <= 1 (default "
                           "2/3; its cost goes with S^2, its strokes grow as 1/S)")
     sty.add_argument("--style-engine", choices=STYLE_ENGINES, help="magenta's built-in styles: what runs the network "
-                     "(default auto: openvino in bfloat16 on a CPU that computes it natively, 0.43x the CPU time, "
+                     "(default auto: openvino in bfloat16 on a CPU that computes it natively, 0.45x the CPU time, "
                      "else onnxruntime in float32)")
 
     run = p.add_argument_group("running")

@@ -14,7 +14,7 @@
 Each image's provenance is ``{"styliser": "magenta", "style_id", "strength", "engine"}``: ``style_id``
 is the painting's path relative to DIR, or ``"builtin:NN"``; ``engine`` what ran the network that
 stylised it, ``"onnxruntime"`` (float32) or ``"openvino-bf16"`` (``nets/magenta_openvino.py``: by
-default on a CPU with native bfloat16, where it takes 0.43x the CPU time), as the two round differently.
+default on a CPU with native bfloat16, where it takes 0.45x the CPU time), as the two round differently.
 
 :class:`StyleImageFolder` (also used by the AdaIN styliser) lists and loads the style images: an
 unreadable painting is logged, counted in ``skipped`` and never drawn again, and the run goes on.

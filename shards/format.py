@@ -77,7 +77,7 @@ RENDERER_VERSION = 6  # json renderer_version; 2: Magenta built-in styles at 2/3
 # 5: the 26-style graph runs in two parts with its first instance norm computed between them (nets/magenta_split.py:
 # another summation order again; 1545 of 20.7M stylised bytes differ on 30 test images);
 # 6: on a CPU with native bfloat16 (AMX) the 26-style network runs on OpenVINO in bfloat16 by default
-# (nets/magenta_openvino.py: 0.2-2.5 grey levels from float32 on average; each image's json names the engine)
+# (nets/magenta_openvino.py: 0.19-3.65 grey levels from float32 on average; each image's json names the engine)
 SHARD_PATTERN = "train-%06d.tar"
 DEFAULT_FLOW_STRIDE = 4
 JPEG_QUALITY = 95
