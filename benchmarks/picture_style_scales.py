@@ -3,7 +3,7 @@
     python benchmarks/picture_style_scales.py [--out docs/images/style_scales.jpg] [--styles 5 17]
 
 One row per style: the photo, then the stylised image at each scale (strength 1, the same style), each
-labelled with its CPU-s per 480-px image measured here (best of 3 calls, one onnxruntime thread). The
+labelled with its CPU-s per 480-px image measured here (best of 3 calls, one thread, the default engine). The
 network runs on the image scaled by S and is scaled back, so the strokes grow as 1/S and the cost
 shrinks as S^2.
 """

@@ -174,3 +174,20 @@ def test_stylised_run_is_reproducible_and_carries_both_versions(coco, tmp_path):
         assert p.sty0.shape == p.img0.shape and p.sty1.shape == p.img1.shape
         assert [s["styliser"] for s in p.meta["style"]] == ["magenta", "magenta"]
         assert not (p.sty0 == p.img0).all()
+
+
+
+def test_stylised_bytes_are_the_same_in_ray_workers(coco, tmp_path, ray_local):
+    """The default styliser in two Ray worker processes (OpenVINO where bfloat16 is native) writes the
+    bytes of the in-process run, and each image's json names the engine that stylised it."""
+    from segswap.nets.magenta import ENGINE_LABELS
+    from segswap.nets.magenta_openvino import bf16_is_native
+
+    outs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        assert cli.main(_args(coco, out, "--workers", workers, "--num-shards", "2", "--style", "magenta")) == 0
+        outs[workers] = out
+    assert _shard_bytes(outs["0"]) == _shard_bytes(outs["2"])
+    engine = ENGINE_LABELS["openvino" if bf16_is_native() else "onnxruntime"]
+    assert {s["engine"] for p in iter_pairs(str(outs["2"])) for s in p.meta["style"]} == {engine}
