@@ -17,21 +17,14 @@ import tempfile
 
 import cv2
 import numpy as np
+from picture_style_scales import labelled, write_jpeg  # benchmarks/: this script's folder, on sys.path
 
-from segswap.core.atomic import atomic_write
 from segswap.core.images import load_rgb
 from segswap.nets.magenta import NUM_BUILTIN_STYLES, MagentaNetworks
 from segswap.segments.embedded import embedded_images
 
 SIZE = 480
-PANEL = 320
-
-
-def labelled(image: np.ndarray, text: str) -> np.ndarray:
-    panel = cv2.resize(image, (PANEL, PANEL), interpolation=cv2.INTER_AREA)
-    strip = np.full((30, PANEL, 3), 255, np.uint8)
-    cv2.putText(strip, text, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([panel, strip])
+PANEL = 320  # four panels a row
 
 
 def main(argv=None) -> int:
@@ -63,14 +56,10 @@ def main(argv=None) -> int:
     sheet = []
     for mean, _, _, psnr, name, style, photo, a, b, d in shown:
         sheet.append(np.hstack([
-            labelled(photo, f"{name}, builtin:{style:02d}"), labelled(a, "onnxruntime float32"),
-            labelled(b, "openvino bfloat16"),
-            labelled(np.clip(d * 4, 0, 255).astype(np.uint8), f"|diff| x4: mean {mean:.2f}, {psnr:.1f} dB")]))
-    ok, jpeg = cv2.imencode(".jpg", np.vstack(sheet)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
-    if not ok:
-        raise OSError(f"{args.out}: JPEG encoding failed")
-    atomic_write(args.out, jpeg.tobytes())
-    print(f"wrote {args.out}")
+            labelled(photo, f"{name}, builtin:{style:02d}", PANEL), labelled(a, "onnxruntime float32", PANEL),
+            labelled(b, "openvino bfloat16", PANEL),
+            labelled(np.clip(d * 4, 0, 255).astype(np.uint8), f"|diff| x4: mean {mean:.2f}, {psnr:.1f} dB", PANEL)]))
+    write_jpeg(args.out, np.vstack(sheet))
     return 0
 
 

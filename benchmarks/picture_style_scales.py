@@ -35,11 +35,21 @@ def cpu_per_image(networks: MagentaNetworks, image: np.ndarray, weights: np.ndar
     return best
 
 
-def labelled(image: np.ndarray, text: str) -> np.ndarray:
-    panel = cv2.resize(image, (PANEL, PANEL), interpolation=cv2.INTER_AREA)
-    strip = np.full((34, PANEL, 3), 255, np.uint8)
-    cv2.putText(strip, text, (8, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+def labelled(image: np.ndarray, text: str, side: int = PANEL) -> np.ndarray:
+    """``image`` shrunk to a ``side`` x ``side`` panel with ``text`` in a white strip below it."""
+    panel = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    strip = np.full((34, side, 3), 255, np.uint8)
+    cv2.putText(strip, text, (8, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * side / PANEL, (0, 0, 0), 1, cv2.LINE_AA)
     return np.vstack([panel, strip])
+
+
+def write_jpeg(path: str, rgb: np.ndarray) -> None:
+    """A documentation picture, written atomically (quality 88: photos, small files)."""
+    ok, jpeg = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
+    if not ok:
+        raise OSError(f"{path}: JPEG encoding failed")
+    atomic_write(path, jpeg.tobytes())
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -58,11 +68,7 @@ def main(argv=None) -> int:
             print(f"builtin:{style:02d} scale {name}: {cost:.4f} CPU-s per {SIZE}-px image")
             panels.append(labelled(networks.multistyle(photo, weights, scale), f"scale {name}: {cost:.3f} CPU-s"))
         rows.append(np.hstack(panels))
-    ok, jpeg = cv2.imencode(".jpg", np.vstack(rows)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
-    if not ok:
-        raise OSError(f"{args.out}: JPEG encoding failed")
-    atomic_write(args.out, jpeg.tobytes())
-    print(f"wrote {args.out}")
+    write_jpeg(args.out, np.vstack(rows))
     return 0
 
 
