@@ -99,7 +99,8 @@ def choose_engine(engine: str, device: str) -> str:
         if device != "cpu":
             raise ValueError(f"engine 'openvino' runs on the CPU; device {device!r} needs engine 'onnxruntime'")
         if not magenta_openvino.available():
-            raise MagentaModelError("engine 'openvino' needs the 'openvino' package (pip install openvino)")
+            raise MagentaModelError("engine 'openvino' needs the 'openvino' package installed and loading "
+                                    "(pip install openvino)")
     return engine
 
 

@@ -21,9 +21,12 @@ falls back to onnxruntime otherwise.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -33,22 +36,34 @@ def _core():
     return ov.Core()
 
 
+@functools.cache
 def available() -> bool:
-    """Whether OpenVINO is installed and importable."""
+    """Whether OpenVINO is installed and loads. Not only ImportError: a wheel whose shared libraries
+    do not load here raises OSError or RuntimeError, and the styliser must then go on without it."""
     try:
         _core()
     except ImportError:
         return False
+    except Exception as e:  # noqa: BLE001 - whatever stops OpenVINO loading, onnxruntime runs instead
+        log.warning("OpenVINO is installed but does not load (%s: %s); the styles run on onnxruntime",
+                    type(e).__name__, e)
+        return False
     return True
 
 
+@functools.cache
 def bf16_is_native() -> bool:
     """Whether OpenVINO's CPU plugin runs bfloat16 by default here (it does on CPUs with AMX)."""
     if not available():
         return False
     import openvino as ov
 
-    return _core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    try:
+        return _core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    except Exception as e:  # noqa: BLE001 - no CPU plugin, or one that does not know the property
+        log.warning("OpenVINO's CPU plugin does not say its precision (%s: %s); the styles run on onnxruntime",
+                    type(e).__name__, e)
+        return False
 
 
 @dataclass(frozen=True)

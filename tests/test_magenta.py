@@ -401,6 +401,21 @@ def test_engines_are_chosen_and_refused_clearly(monkeypatch):
         magenta_openvino.OpenVINOSession(_shipped(MULTISTYLE_MODEL)[0]).run(["stylized"], {})
 
 
+def test_an_openvino_that_does_not_load_leaves_auto_on_onnxruntime(monkeypatch, caplog):
+    """A wheel whose libraries fail to load raises OSError, not ImportError: auto warns and goes on."""
+    def broken():
+        raise OSError("libopenvino.so: cannot open shared object file")
+
+    monkeypatch.setattr(magenta_openvino, "_core", broken)
+    for cached in (magenta_openvino.available, magenta_openvino.bf16_is_native):
+        monkeypatch.setattr(magenta_openvino, cached.__name__, cached.__wrapped__)
+    with caplog.at_level("WARNING"):
+        assert choose_engine("auto", "cpu") == "onnxruntime"
+    assert "OpenVINO is installed but does not load (OSError" in caplog.text
+    with pytest.raises(MagentaModelError, match="needs the 'openvino' package"):
+        choose_engine("openvino", "cpu")
+
+
 def test_a_split_that_differs_falls_back_to_the_edited_graph_whole(monkeypatch, caplog, photo):
     """If the parts compute something else (simulated: the kernel's ReLU dropped), the check when the
     session opens catches it and the edited graph runs whole, with its speed edits."""
