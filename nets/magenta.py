@@ -113,9 +113,8 @@ def _close_fp32(got: np.ndarray, want: np.ndarray) -> str | None:
 def _close_bf16(got: np.ndarray, want: np.ndarray) -> str | None:
     """None if a bfloat16 network computes ``want`` up to its rounding (mean |difference| at most 2%
     of the mean |output|: 0.46% on the 26-style network's check input, 8-11% with one layer's kernels
-    mirrored),
-    else how far it is. No bound on single values: where the network paints strokes on flat input,
-    rounding moves them (``nets/magenta_openvino.py``)."""
+    mirrored), else how far it is. No bound on single values: where the network paints strokes on
+    flat input, rounding moves them (``nets/magenta_openvino.py``)."""
     relative = float(np.abs(got - want).mean() / max(float(np.abs(want).mean()), 1e-12))
     return None if relative <= 0.02 else f"{relative:.1%} of the output's mean magnitude on average"
 

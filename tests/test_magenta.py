@@ -397,6 +397,8 @@ def test_engines_are_chosen_and_refused_clearly(monkeypatch):
     monkeypatch.setattr(magenta_openvino, "available", lambda: False)
     with pytest.raises(MagentaModelError, match="needs the 'openvino' package"):
         choose_engine("openvino", "cpu")
+    with pytest.raises(ValueError, match="style-image networks run on onnxruntime"):
+        build_styliser("magenta", style_images=".", engine="openvino")
     with pytest.raises(ValueError, match="returns all outputs"):
         magenta_openvino.OpenVINOSession(_shipped(MULTISTYLE_MODEL)[0]).run(["stylized"], {})
 
