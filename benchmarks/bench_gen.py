@@ -86,7 +86,8 @@ def styliser_for(style: str):
 
 
 def run_setting(index: SegmentIndex, style: str, blend: str, pairs: int, size: int, style_batch: int, seed: int = 1):
-    """Render, stylise and encode ``pairs`` pairs; returns (pairs, CPU-s per stage, pastes, attempts)."""
+    """Render, stylise and encode ``pairs`` pairs; returns (pairs, CPU-s per stage, pastes, attempts,
+    renderer, styliser)."""
     renderer = PairRenderer(index, None, **{**RENDER_DEFAULTS, "blend": blend, "size": size})
     styliser = styliser_for(style)
     for i in range(3):  # warm-up: image cache, lazy imports, ONNX session
@@ -119,7 +120,7 @@ def run_setting(index: SegmentIndex, style: str, blend: str, pairs: int, size: i
             done.extend(batch)
     cost.update(renderer.stage_cpu)
     pastes = sum(len(p.meta["segments"]) for p in done)
-    return done, cost, pastes, attempts, renderer
+    return done, cost, pastes, attempts, renderer, styliser
 
 
 def run_reference(renderer: PairRenderer, done: list, size: int) -> float:
@@ -148,10 +149,11 @@ def bench_stages(index, pairs: int, size: int, style_batch: int) -> dict:
     print("  /ref: total less decode (the reference is handed decoded images) over official_reference.py on the "
           "same pairs, run just after")
     print(f"{'style/blend':>30}{header}{'total':>9}{'/ref':>7}  per paste (blend)  per image (style)  attempts")
-    print(f"  magenta's 26-style network runs on {styliser_for('magenta').engine} here by default (--style-engine auto)")
-    rows, refs = {}, []
+    rows, refs, engines = {}, [], {}
     for style, blend in SETTINGS:
-        done, cost, pastes, attempts, renderer = run_setting(index, style, blend, pairs, size, style_batch)
+        done, cost, pastes, attempts, renderer, styliser = run_setting(index, style, blend, pairs, size, style_batch)
+        if styliser is not None:
+            engines[style] = styliser.engine
         n = len(done)
         total = sum(cost.values()) / n
         # The same pairs (same draws in every setting) through the reference right after, so the
@@ -167,6 +169,7 @@ def bench_stages(index, pairs: int, size: int, style_batch: int) -> dict:
     print(f"{'reference':>30}{'':>{13 * len(STAGES)}}{statistics.median(refs):9.4f}{1:7.2f}  (official_reference.py, "
           f"same images and segments; median of its {len(refs)} runs, one after each setting: "
           f"{', '.join(f'{r:.4f}' for r in refs)})")
+    print("what ran the 26-style network: " + ", ".join(f"{style} {engine}" for style, engine in engines.items()))
     per_paste = {blend: rows[("none", blend)][1]["blend"] / rows[("none", blend)][3] for blend in ("cv2", "multigrid", "pyamg")}
     print(f"blend per paste (warp + blend), multigrid / cv2 on the same pastes: "
           f"{per_paste['multigrid'] / per_paste['cv2']:.2f}, pyamg / cv2: {per_paste['pyamg'] / per_paste['cv2']:.2f}")
